@@ -1,0 +1,378 @@
+"""The Lightning module and the algorithms: AR, MDLM, DUO-base, DUO (curriculum) and DCD distillation.
+
+Each algorithm is a small class that turns a clean batch x0 (B, L) into per-token losses (B, L)
+and, for sampling, into a denoiser; the maths lives in losses.py, noise_schedule.py and
+samplers.py. `Diffusion` is the Lightning plumbing around them: optimisation, EMA, seeding,
+validation metrics and checkpoint extras.
+"""
+import copy
+import logging
+import math
+
+import lightning as L
+import torch
+
+import losses
+import noise_schedule
+import samplers
+from ema import EMA
+from metrics import NLLMetric
+from models.dit import DiT
+
+log = logging.getLogger(__name__)
+
+
+class AR:
+    """Autoregressive baseline: causal DiT, next-token cross-entropy."""
+    causal = True
+
+    def __init__(self, config, vocab_size, mask_id):
+        self.vocab_size, self.mask_id = vocab_size, mask_id
+
+    def loss(self, module, x0, attention_mask, t, step):
+        logits = module.backbone(x0, attention_mask=attention_mask)
+        nll = losses.ar_nll(logits, x0, excluded_id=self.mask_id)
+        return nll, attention_mask[:, 1:]
+
+    def sample(self, module, batch_size, length, config, generator=None, progress=False):
+        sampling = config.sampling
+        cache = module.backbone.init_kv_cache(batch_size, length, module.device, module.compute_dtype)
+
+        def step(tokens, kv_cache):
+            logits = module.backbone(tokens, kv_cache=kv_cache).float()
+            logits[..., self.mask_id] = float('-inf')
+            return logits
+
+        return samplers.sample_ar(step, cache, batch_size, length, bos_id=module.bos_id,
+                                  p_nucleus=sampling.p_nucleus, top_k=sampling.top_k,
+                                  use_float64=sampling.use_float64, generator=generator,
+                                  device=module.device, progress=progress)
+
+
+class _Diffusion:
+    """Shared by the diffusion algorithms: noise schedule and the sampler loop."""
+    causal = False
+    kind = None  # 'uniform' or 'absorbing' (samplers.sample_diffusion)
+
+    def __init__(self, config, vocab_size, mask_id):
+        self.vocab_size, self.mask_id = vocab_size, mask_id
+        self.schedule = noise_schedule.get_schedule(config.noise)
+
+    def sigma(self, alpha_t):
+        """Network conditioning sigma_t = -log alpha_t, (B,)."""
+        return -torch.log(alpha_t.reshape(-1))
+
+    def probs(self, module, xt, t):
+        """Predicted distribution over x0, (B, L, K) float32, for the sampler."""
+        raise NotImplementedError
+
+    def sample(self, module, batch_size, length, config, generator=None, progress=False):
+        sampling = config.sampling
+        return samplers.sample_diffusion(
+            lambda xt, t: self.probs(module, xt, t), batch_size, length, self.vocab_size,
+            self.schedule.alpha, sampling.steps, kind=self.kind, mask_id=self.mask_id,
+            noise_removal=sampling.noise_removal, p_nucleus=sampling.p_nucleus,
+            use_float64=sampling.use_float64, cache=sampling.predictor == 'ancestral_cache',
+            generator=generator, device=module.device, progress=progress)
+
+
+class MDLM(_Diffusion):
+    """Absorbing-state (masked) diffusion, SUBS parameterisation, no time conditioning."""
+    kind = 'absorbing'
+
+    def sigma(self, alpha_t):
+        return torch.zeros_like(alpha_t.reshape(-1))
+
+    def loss(self, module, x0, attention_mask, t, step):
+        alpha, dalpha = self.schedule.alpha(t)[:, None], self.schedule.dalpha(t)[:, None]
+        xt = torch.where(torch.rand(x0.shape, device=x0.device) < 1 - alpha, self.mask_id, x0)
+        logits = module.backbone(xt, self.sigma(alpha), attention_mask=attention_mask)
+        return losses.mdlm_loss(logits, x0, xt, alpha, dalpha, self.mask_id), attention_mask
+
+    def probs(self, module, xt, t):
+        logits = module.backbone(xt, self.sigma(t)).float()
+        logits[..., self.mask_id] = float('-inf')
+        return logits.softmax(-1)
+
+
+class DUOBase(_Diffusion):
+    """Uniform-state diffusion with the exact continuous-time NELBO."""
+    kind = 'uniform'
+
+    def corrupt(self, x0, alpha):
+        """z_t ~ Cat(alpha x + (1 - alpha)/K 1): keep x0 w.p. alpha, else a uniform id (maybe x0)."""
+        uniform = torch.randint(0, self.vocab_size, x0.shape, device=x0.device)
+        return torch.where(torch.rand(x0.shape, device=x0.device) < alpha, x0, uniform)
+
+    def loss(self, module, x0, attention_mask, t, step):
+        alpha, dalpha = self.schedule.alpha(t)[:, None], self.schedule.dalpha(t)[:, None]
+        xt = self.corrupt(x0, alpha)
+        logits = module.backbone(xt, self.sigma(alpha), attention_mask=attention_mask)
+        return losses.duo_loss(logits, x0, xt, alpha, dalpha), attention_mask
+
+    def probs(self, module, xt, t):
+        alpha = self.schedule.alpha(t)
+        return module.backbone(xt, self.sigma(alpha)).float().softmax(-1)
+
+
+class DUO(DUOBase):
+    """DUO: the Gaussian-duality curriculum until `curriculum_end`, then DUO-base (SPEC §5).
+
+    During the curriculum z_t = argmax(w) with w = alpha~ x + sigma~ eps the Gaussian latent,
+    the network sees the relaxed one-hot softmax(w / tau), and the loss is the DUO-base loss at
+    alpha_t = T(gamma_t), alpha'_t = T'(gamma_t)(gamma_max - gamma_min).
+    """
+
+    def __init__(self, config, vocab_size, mask_id):
+        super().__init__(config, vocab_size, mask_id)
+        algo = config.algo
+        self.curriculum = noise_schedule.GaussianCurriculum(algo.gamma_min, algo.gamma_max, vocab_size)
+        self.start, self.end = algo.curriculum_start, algo.curriculum_end
+        self.log10_tau_start, self.log10_tau_end = algo.gumbel_tau_log10_start, algo.gumbel_tau_log10_end
+
+    def tau(self, step):
+        """Softmax temperature: 10^start until curriculum_start, log-linear to 10^end at curriculum_end."""
+        frac = min(max((step - self.start) / max(self.end - self.start, 1), 0.0), 1.0)
+        return 10 ** (self.log10_tau_start + frac * (self.log10_tau_end - self.log10_tau_start))
+
+    def in_curriculum(self, step):
+        return step < self.end
+
+    def loss(self, module, x0, attention_mask, t, step):
+        if not self.in_curriculum(step):
+            return super().loss(module, x0, attention_mask, t, step)
+        gamma = noise_schedule.gamma_schedule(t, self.curriculum.gamma_min, self.curriculum.gamma_max)
+        alpha, dalpha = self.curriculum.alpha(t)[:, None], self.curriculum.dalpha(t)[:, None]
+        xt, weights = relaxed_gaussian_latent(x0, gamma, self.vocab_size, self.tau(step))
+        logits = module.backbone(weights, self.sigma(alpha), attention_mask=attention_mask)
+        del weights
+        return losses.duo_loss(logits, x0, xt, alpha, dalpha), attention_mask
+
+
+def relaxed_gaussian_latent(x0, gamma, vocab_size, tau):
+    """Draw w = alpha~ onehot(x0) + sigma~ eps, eps ~ N(0, I_K); return (argmax w, softmax(w / tau)).
+
+    One (B, L, K) float32 buffer: eps is drawn, shifted in place at x0 (argmax(alpha~ x + sigma~ eps)
+    = argmax(eps + (alpha~ / sigma~) x)), then turned into the softmax in place.
+    """
+    alpha_g, sigma_g = noise_schedule.gaussian_alpha_sigma(gamma.float())
+    w = torch.randn(*x0.shape, vocab_size, device=x0.device)
+    w.scatter_add_(-1, x0[..., None], (alpha_g / sigma_g)[:, None, None].expand(*x0.shape, 1).contiguous())
+    xt = w.argmax(-1)
+    w.mul_((sigma_g / tau)[:, None, None])  # = (alpha~ x + sigma~ eps) / tau
+    w.sub_(w.amax(-1, keepdim=True)).exp_()
+    return xt, w.div_(w.sum(-1, keepdim=True))
+
+
+class Distillation(DUOBase):
+    """Discrete Consistency Distillation (SPEC §5, DUO paper Alg. 1).
+
+    The teacher (a frozen copy of the student, or its EMA) sees z_s, the student z_t, both the
+    argmax of Gaussian latents sharing one eps; the student matches the teacher's prediction.
+    """
+
+    def __init__(self, config, vocab_size, mask_id):
+        super().__init__(config, vocab_size, mask_id)
+        algo = config.algo
+        self.curriculum = noise_schedule.GaussianCurriculum(algo.gamma_min, algo.gamma_max, vocab_size)
+        self.T, self.every = algo.T, algo.update_teacher_every
+        self.linear_growth = algo.linear_growth_dt
+        self.growth_min, self.growth_max = algo.linear_growth_min, algo.linear_growth_max
+        if algo.loss_type not in ('kl-bwd', 'kl-fwd'):
+            raise ValueError(f"algo.loss_type={algo.loss_type!r} is unknown; use kl-bwd or kl-fwd")
+        self.loss_type = algo.loss_type
+        self.max_steps = config.trainer.max_steps
+
+    def delta(self, step):
+        """Distillation step size: 2^round / T (round = step // update_teacher_every), or linear growth."""
+        if self.linear_growth:
+            frac = min(step / max(self.max_steps, 1), 1.0)
+            return self.growth_min + frac * (self.growth_max - self.growth_min)
+        return min(2 ** (step // self.every) / self.T, 1.0)
+
+    def loss(self, module, x0, attention_mask, t, step):
+        dt = self.delta(step)
+        t = (t + dt).clamp(0, 1)
+        s = t - dt
+        g = self.curriculum
+        gamma_t = noise_schedule.gamma_schedule(t, g.gamma_min, g.gamma_max)
+        gamma_s = noise_schedule.gamma_schedule(s, g.gamma_min, g.gamma_max)
+        zt, zs = shared_noise_latents(x0, gamma_t, gamma_s, self.vocab_size)
+        alpha_t, alpha_s = g.alpha(t)[:, None], g.alpha(s)[:, None]
+        student = module.backbone(zt, self.sigma(alpha_t), attention_mask=attention_mask)
+        with torch.no_grad():
+            teacher = module.teacher(zs, self.sigma(alpha_s), attention_mask=attention_mask)
+        return losses.distillation_kl(student, teacher, self.loss_type), attention_mask
+
+
+def shared_noise_latents(x0, gamma_t, gamma_s, vocab_size):
+    """(z_t, z_s) = argmax of alpha~ x + sigma~ eps at gamma_t and gamma_s with one shared eps (B, L, K)."""
+    ratio_t = torch.exp(-gamma_t.float() / 2)[:, None, None]  # alpha~ / sigma~ = e^{-gamma / 2}
+    ratio_s = torch.exp(-gamma_s.float() / 2)[:, None, None]
+    eps = torch.randn(*x0.shape, vocab_size, device=x0.device)
+    index = x0[..., None]
+    eps.scatter_add_(-1, index, ratio_t.expand(*x0.shape, 1).contiguous())
+    zt = eps.argmax(-1)
+    eps.scatter_add_(-1, index, (ratio_s - ratio_t).expand(*x0.shape, 1).contiguous())
+    return zt, eps.argmax(-1)
+
+
+ALGORITHMS = {'ar': AR, 'mdlm': MDLM, 'duo_base': DUOBase, 'duo': DUO, 'distillation': Distillation}
+
+
+def make_backbone(config, vocab_size, causal):
+    m = config.model
+    return DiT(vocab_size=vocab_size, hidden_size=m.hidden_size, cond_dim=m.cond_dim, n_blocks=m.n_blocks,
+               n_heads=m.n_heads, max_length=m.length, dropout=m.dropout, causal=causal,
+               attn_backend=m.attn_backend)
+
+
+class Diffusion(L.LightningModule):
+    """Training, evaluation and sampling of one algorithm with a DiT backbone."""
+
+    def __init__(self, config, vocab_size: int, mask_id: int, bos_id: int):
+        super().__init__()
+        if config.algo.name not in ALGORITHMS:
+            raise ValueError(f"algo={config.algo.name!r} is unknown; use one of {sorted(ALGORITHMS)} (e.g. algo=duo_base)")
+        self.config = config
+        self.vocab_size, self.mask_id, self.bos_id = vocab_size, mask_id, bos_id
+        self.algo = ALGORITHMS[config.algo.name](config, vocab_size, mask_id)
+        self.backbone = make_backbone(config, vocab_size, self.algo.causal)
+        self.ema = EMA(self.backbone.parameters(), config.training.ema) if config.training.ema > 0 else None
+        self._teacher = None  # Distillation: not a registered submodule, so stored once (see on_save_checkpoint)
+        self._teacher_round = -1
+        self.micro_step = 0   # training batches seen; seeds the noise so that resumes are exact
+        self.valid_metric = NLLMetric()
+
+    # ---- helpers -------------------------------------------------------------------------
+    @property
+    def compute_dtype(self):
+        precision = str(self.trainer.precision) if self._trainer is not None else '32'
+        return {'bf16-mixed': torch.bfloat16, '16-mixed': torch.float16}.get(precision, torch.float32)
+
+    @property
+    def teacher(self):
+        return self._teacher
+
+    def refresh_teacher(self):
+        """Teacher = frozen copy of the student (or of its EMA with algo.teacher_ema=true)."""
+        teacher = copy.deepcopy(self.backbone).requires_grad_(False).eval()
+        if self.config.algo.teacher_ema and self.ema is not None:
+            self.ema.copy_to(teacher.parameters())
+        object.__setattr__(self, '_teacher', teacher)  # bypass nn.Module registration
+
+    def _rank_world(self):
+        if self._trainer is None:
+            return 0, 1
+        return self.trainer.global_rank, self.trainer.world_size
+
+    def _times(self, batch_size):
+        rank, world = self._rank_world()
+        return noise_schedule.stratified_times(batch_size, self.config.training.sampling_eps, rank, world,
+                                               device=self.device)
+
+    def _loss(self, batch, step):
+        x0, mask = batch['input_ids'], batch['attention_mask']
+        per_token, weight = self.algo.loss(self, x0, mask, self._times(x0.shape[0]), step)
+        return per_token, weight.to(per_token.dtype)
+
+    # ---- training ------------------------------------------------------------------------
+    def on_train_batch_start(self, batch, batch_idx):
+        # One seed per (run seed, micro-batch, rank): the noise and dropout of every step are a
+        # pure function of its position, so a resumed run draws exactly what it would have drawn.
+        rank, world = self._rank_world()
+        torch.manual_seed((self.config.seed * 1_000_003 + self.micro_step * world + rank) % 2**63)
+        if isinstance(self.algo, Distillation):
+            distill_round = self.global_step // self.algo.every
+            if distill_round != self._teacher_round:
+                self.refresh_teacher()
+                self._teacher_round = distill_round
+
+    def training_step(self, batch, batch_idx):
+        per_token, weight = self._loss(batch, self.global_step)
+        loss = (per_token * weight).sum() / weight.sum()
+        self.micro_step += 1
+        self.log('train/loss', loss.detach(), prog_bar=True, sync_dist=False)
+        if isinstance(self.algo, DUO) and self.algo.in_curriculum(self.global_step):
+            self.log('train/tau', self.algo.tau(self.global_step))
+        return loss
+
+    def on_before_zero_grad(self, optimizer):
+        if self.ema is not None:
+            self.ema.update(self.backbone.parameters())
+
+    def configure_optimizers(self):
+        o = self.config.optim
+        optimizer = torch.optim.AdamW(self.backbone.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                                      weight_decay=o.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.config))
+        return {'optimizer': optimizer, 'lr_scheduler': {'scheduler': scheduler, 'interval': 'step'}}
+
+    # ---- validation ----------------------------------------------------------------------
+    def on_validation_epoch_start(self):
+        torch.manual_seed(self.config.seed)  # the same noise for every evaluation
+        self.valid_metric.reset()
+        self._ema_ctx = None
+        if self.ema is not None and not self.config.eval.disable_ema:
+            self._ema_ctx = self.ema.applied(self.backbone.parameters())
+            self._ema_ctx.__enter__()
+
+    def validation_step(self, batch, batch_idx):
+        per_token, weight = self._loss(batch, self.global_step)
+        self.valid_metric.update(per_token * weight, weight)
+
+    def on_validation_epoch_end(self):
+        if self._ema_ctx is not None:
+            self._ema_ctx.__exit__(None, None, None)
+            self._ema_ctx = None
+        nll, ppl, bpd, tokens = self.valid_metric.compute()
+        self.log_dict({'val/nll': nll, 'val/ppl': ppl, 'val/bpd': bpd, 'val/tokens': tokens}, sync_dist=False)
+
+    # ---- sampling ------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, batch_size, length=None, generator=None, progress=False):
+        """Samples (batch_size, length) int64 from the model (EMA weights are the caller's choice)."""
+        return self.algo.sample(self, batch_size, length or self.config.model.length, self.config,
+                                generator=generator, progress=progress)
+
+    # ---- checkpoints ---------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint):
+        if self.ema is not None:
+            checkpoint['ema'] = self.ema.state_dict()
+        checkpoint['micro_step'] = self.micro_step
+        if self._teacher is not None:
+            checkpoint['teacher'] = {'round': self._teacher_round, 'state_dict': self._teacher.state_dict()}
+
+    def on_load_checkpoint(self, checkpoint):
+        if self.ema is not None and 'ema' in checkpoint:
+            self.ema.load_state_dict(checkpoint['ema'])
+        self.micro_step = checkpoint.get('micro_step', 0)
+        if 'teacher' in checkpoint and isinstance(self.algo, Distillation):
+            self.refresh_teacher()
+            self._teacher.load_state_dict(checkpoint['teacher']['state_dict'])
+            self._teacher_round = checkpoint['teacher']['round']
+
+    def on_fit_start(self):
+        if self.ema is not None:
+            self.ema.to(self.device)
+        if self._teacher is not None:
+            self._teacher.to(self.device)
+
+
+def lr_lambda(config):
+    """Learning-rate multiplier per optimizer step: linear warmup, then constant or cosine decay."""
+    sched = config.lr_scheduler
+    warmup = max(int(sched.num_warmup_steps), 0)
+    if sched.name == 'constant_warmup':
+        return lambda step: min(1.0, (step + 1) / (warmup + 1))
+    if sched.name == 'cosine_decay_warmup':
+        total = max(int(config.trainer.max_steps) - warmup, 1)
+        floor = sched.min_lr / config.optim.lr
+
+        def cosine(step):
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            progress = min((step - warmup) / total, 1.0)
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        return cosine
+    raise ValueError(f"lr_scheduler={sched.name!r} is unknown; use constant_warmup or cosine_decay_warmup")

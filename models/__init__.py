@@ -1,0 +1,4 @@
+"""Neural network backbones."""
+from .dit import DiT
+
+__all__ = ['DiT']

@@ -1,0 +1,264 @@
+"""Noise schedules alpha_t, time sampling (SPEC §3) and the Gaussian-uniform duality (SPEC §5).
+
+alpha_t is the signal level of the discrete forward process: alpha_0 = 1, alpha_1 ~ 0.
+The network is conditioned on sigma_t = -log alpha_t.
+"""
+import math
+import os
+import tempfile
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.autograd.function import once_differentiable
+
+
+class LogLinear:
+    """alpha_t = 1 - (1 - eps) t."""
+
+    def __init__(self, eps: float = 1e-3):
+        self.eps = eps
+
+    def alpha(self, t: torch.Tensor) -> torch.Tensor:
+        return 1 - (1 - self.eps) * t
+
+    def dalpha(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(t, -(1 - self.eps))
+
+
+class Cosine:
+    """alpha_t = 1 - cos(pi/2 (1 - (1 - eps) t))."""
+
+    def __init__(self, eps: float = 1e-3):
+        self.eps = eps
+
+    def alpha(self, t: torch.Tensor) -> torch.Tensor:
+        return 1 - torch.cos(math.pi / 2 * (1 - (1 - self.eps) * t))
+
+    def dalpha(self, t: torch.Tensor) -> torch.Tensor:
+        return -(math.pi / 2) * (1 - self.eps) * torch.sin(math.pi / 2 * (1 - (1 - self.eps) * t))
+
+
+SCHEDULES = {'log-linear': LogLinear, 'cosine': Cosine}
+
+
+def get_schedule(noise_config):
+    if noise_config.type not in SCHEDULES:
+        raise ValueError(f"noise.type={noise_config.type!r} is unknown; use one of {sorted(SCHEDULES)} "
+                         f"(e.g. noise=log-linear)")
+    return SCHEDULES[noise_config.type](float(noise_config.eps))
+
+
+def stratified_times(batch_size: int, sampling_eps: float, rank: int = 0, world_size: int = 1,
+                     generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    """Times (batch_size,) for this rank's slice of a stratified global batch (SPEC §3).
+
+    The n = batch_size * world_size global times are t_k = eps + (1 - eps) ((u_k + k) / n mod 1)
+    with u_k ~ U(0, 1); this rank holds k in [rank * batch_size, (rank + 1) * batch_size).
+    Each rank draws its own u (its generator is seeded per rank), so the draws differ across ranks.
+    """
+    n = batch_size * world_size
+    k = torch.arange(rank * batch_size, (rank + 1) * batch_size, device=device, dtype=torch.float64)
+    u = torch.rand(batch_size, generator=generator, device=device, dtype=torch.float64)
+    t = ((u + k) / n) % 1.0
+    return (sampling_eps + (1 - sampling_eps) * t).float()
+
+
+# ---------------------------------------------------------------------------------------------
+# The duality (SPEC §5). A Gaussian latent w = alpha~ x + sigma~ eps on a one-hot x, with
+# alpha~^2 = sigmoid(-gamma) and sigma~^2 = sigmoid(gamma), has argmax(w) distributed as
+# uniform-state noise with alpha = T(gamma) = (K I(gamma) - 1) / (K - 1), where
+# I(gamma) = P(argmax w = x) = int phi(z) Phi(z + c)^(K-1) dz and c = alpha~ / sigma~ = e^(-gamma/2).
+#
+# T and T' are tabulated per K on a uniform gamma grid and interpolated by cubic Hermite
+# polynomials through the exact values and derivatives (max error, measured for K = 2..200k:
+# 5e-10 on T, 2e-7 on T'). The grid starts where T = 1 to float64 precision (c = e^5: the
+# true class wins by > 100 standard deviations); beyond its end c < 5e-5 and T is linear in c
+# to relative accuracy 1e-4, so T continues as T(gamma_hi) e^(-(gamma - gamma_hi) / 2).
+#
+# The integrals use the trapezoid rule on z in [-10, 10]: the integrands are analytic and decay
+# like phi(z) at both ends, so the rule converges geometrically (h = 0.05 agrees with h = 0.01 to
+# 1e-13 for K = 2..200k) and the truncation drops < phi(10) = 8e-23. Phi^(K-1) is evaluated as
+# exp((K-1) log Phi), which neither underflows nor loses the 1 - Phi ~ 1/K tail for large K.
+_GAMMA_LO, _GAMMA_HI, _GAMMA_STEP = -10.0, 20.0, 0.01
+_GAMMA_NODES = round((_GAMMA_HI - _GAMMA_LO) / _GAMMA_STEP) + 1
+_Z_LIM, _Z_STEP = 10.0, 0.05
+_TABLE_VERSION = 1  # bump when the table's numerics change: old cache files are then rebuilt
+_TABLES = {}  # (K, device, dtype) -> (2, _GAMMA_NODES) tensor of [T; T'] at the grid nodes
+
+
+def _build_table(vocab_size: int) -> np.ndarray:
+    """[T; dT/dgamma] at the grid nodes, (2, _GAMMA_NODES) float64, by quadrature over z."""
+    K = vocab_size
+    gamma = _GAMMA_LO + _GAMMA_STEP * torch.arange(_GAMMA_NODES, dtype=torch.float64)
+    z = torch.linspace(-_Z_LIM, _Z_LIM, round(2 * _Z_LIM / _Z_STEP) + 1, dtype=torch.float64)
+    c = torch.exp(-gamma / 2)[:, None]
+    y = z + c  # (nodes, nz)
+    log_pdf_z = -z ** 2 / 2 - math.log(2 * math.pi) / 2
+    log_pdf_y = -y ** 2 / 2 - math.log(2 * math.pi) / 2
+    log_cdf_y = torch.special.log_ndtr(y)
+    # The integrands are ~1e-23 at the ends, so the trapezoid rule is a plain sum times h.
+    integral = _Z_STEP * torch.exp(log_pdf_z + (K - 1) * log_cdf_y).sum(1)
+    # dI/dc = (K-1) int phi(z) phi(z + c) Phi(z + c)^(K-2) dz; dc/dgamma = -c/2.
+    dintegral_dc = _Z_STEP * (K - 1) * torch.exp(log_pdf_z + log_pdf_y + (K - 2) * log_cdf_y).sum(1)
+    alpha = ((K * integral - 1) / (K - 1)).clamp(0, 1)
+    dalpha = K / (K - 1) * dintegral_dc * (-c[:, 0] / 2)
+    return torch.stack([alpha, dalpha]).numpy()
+
+
+def _cache_dir() -> Path:
+    """$DUO_CACHE_DIR, else .cache/duo beside this file."""
+    return Path(os.environ.get('DUO_CACHE_DIR') or Path(__file__).resolve().parent / '.cache' / 'duo')
+
+
+def _table_meta(vocab_size: int) -> np.ndarray:
+    return np.array([_TABLE_VERSION, vocab_size, _GAMMA_LO, _GAMMA_HI, _GAMMA_STEP, _Z_LIM, _Z_STEP])
+
+
+def _read_table(path: Path, vocab_size: int) -> np.ndarray | None:
+    """The cached table, or None when the file is missing, corrupt or made for other settings."""
+    try:
+        with np.load(path, allow_pickle=False) as cached:  # zip members carry a CRC-32, checked on read
+            meta, table = cached['meta'], cached['table']
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        warnings.warn(f'ignoring unreadable cache file {path} ({err}); rebuilding it')
+        return None
+    if not (np.array_equal(meta, _table_meta(vocab_size)) and table.shape == (2, _GAMMA_NODES)
+            and table.dtype == np.float64 and np.isfinite(table).all()):
+        warnings.warn(f'ignoring cache file {path} made for other settings or damaged; rebuilding it')
+        return None
+    return table
+
+
+def _write_table(path: Path, vocab_size: int, table: np.ndarray) -> None:
+    """Write atomically (temp file + rename), so concurrent ranks and crashes never leave a partial file."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+        try:
+            with os.fdopen(fd, 'wb') as f:
+                np.savez(f, meta=_table_meta(vocab_size), table=table)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; the cache may be shared
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except OSError as err:
+        warnings.warn(f'could not cache the duality table in {path.parent} ({err}); '
+                      f'set DUO_CACHE_DIR to a writable directory (e.g. DUO_CACHE_DIR=/tmp/duo)')
+
+
+def _table(vocab_size: int, device: torch.device) -> torch.Tensor:
+    """[T; T'] nodes (2, _GAMMA_NODES) on `device`: from memory, else the disk cache, else built."""
+    # float64 keeps the table exact wherever it exists; the inputs are (B,) so its cost is nil.
+    dtype = torch.float32 if device.type == 'mps' else torch.float64
+    key = (vocab_size, device, dtype)
+    if key not in _TABLES:
+        host_key = (vocab_size, torch.device('cpu'), torch.float64)
+        if host_key not in _TABLES:
+            path = _cache_dir() / f'gaussian_to_uniform_K{vocab_size}.npz'
+            table = _read_table(path, vocab_size)
+            if table is None:
+                table = _build_table(vocab_size)
+                _write_table(path, vocab_size, table)
+            _TABLES[host_key] = torch.from_numpy(table)
+        _TABLES[key] = _TABLES[host_key].to(device, dtype)
+    return _TABLES[key]
+
+
+def _interpolate(gamma: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T(gamma), T'(gamma)) elementwise from the node table, in the table's dtype."""
+    x = (gamma - _GAMMA_LO) / _GAMMA_STEP
+    i = torch.nan_to_num(x).floor().clamp(0, _GAMMA_NODES - 2)  # NaN gamma must not index out of range
+    s = (x - i).clamp(0, 1)  # below the grid s = 0 gives T = 1, T' = 0; above it the tail takes over
+    i = i.long()
+    a0, a1 = table[0, i], table[0, i + 1]
+    d0, d1 = table[1, i] * _GAMMA_STEP, table[1, i + 1] * _GAMMA_STEP
+    c2 = 3 * (a1 - a0) - 2 * d0 - d1
+    c3 = 2 * (a0 - a1) + d0 + d1
+    alpha = a0 + s * (d0 + s * (c2 + s * c3))
+    dalpha = (d0 + s * (2 * c2 + 3 * s * c3)) / _GAMMA_STEP
+    tail = gamma > _GAMMA_HI
+    decay = table[0, -1] * torch.exp((_GAMMA_HI - gamma.clamp(min=_GAMMA_HI)) / 2)
+    return torch.where(tail, decay, alpha), torch.where(tail, -decay / 2, dalpha)
+
+
+class _GaussianToUniformAlpha(torch.autograd.Function):
+    """T(gamma) whose gradient is T'(gamma) from the same interpolant (no NaN from the tail branch)."""
+
+    @staticmethod
+    def forward(ctx, gamma, table):
+        alpha, dalpha = _interpolate(gamma.to(table.dtype), table)
+        ctx.save_for_backward(dalpha.to(gamma.dtype))
+        return alpha.to(gamma.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_alpha):
+        dalpha, = ctx.saved_tensors
+        return grad_alpha * dalpha, None
+
+
+def _check_vocab_size(vocab_size) -> int:
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)) or vocab_size < 2:
+        raise ValueError(f'vocab_size must be an integer >= 2 (e.g. vocab_size=50258), got {vocab_size!r}')
+    return int(vocab_size)
+
+
+def _as_float_tensor(gamma) -> torch.Tensor:
+    gamma = torch.as_tensor(gamma)
+    return gamma if gamma.is_floating_point() else gamma.to(torch.get_default_dtype())
+
+
+def gaussian_to_uniform_alpha(gamma: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Uniform-state alpha = T(gamma) of argmax(Gaussian latent), gamma = -log SNR, any shape.
+
+    Differentiable (gradient T'(gamma)); accurate to 1e-6 for any vocab_size >= 2 and any gamma
+    (T -> 1 as gamma -> -inf, T -> 0 as gamma -> +inf). Returned on gamma's device and dtype.
+    The first call for a vocab_size builds its table (~0.1 s) and caches it on disk.
+    """
+    gamma = _as_float_tensor(gamma)
+    return _GaussianToUniformAlpha.apply(gamma, _table(_check_vocab_size(vocab_size), gamma.device))
+
+
+def gaussian_to_uniform_dalpha(gamma: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """dT/dgamma (<= 0) at gamma, any shape, on gamma's device and dtype."""
+    gamma = _as_float_tensor(gamma)
+    table = _table(_check_vocab_size(vocab_size), gamma.device)
+    return _interpolate(gamma.to(table.dtype), table)[1].to(gamma.dtype)
+
+
+def gamma_schedule(t: torch.Tensor, gamma_min: float, gamma_max: float) -> torch.Tensor:
+    """gamma_t = gamma_min + t (gamma_max - gamma_min): -log SNR rises linearly in t."""
+    return gamma_min + t * (gamma_max - gamma_min)
+
+
+def gaussian_alpha_sigma(gamma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(alpha~, sigma~) = (sqrt(sigmoid(-gamma)), sqrt(sigmoid(gamma))): alpha~^2 + sigma~^2 = 1."""
+    return torch.sigmoid(-gamma).sqrt(), torch.sigmoid(gamma).sqrt()
+
+
+class GaussianCurriculum:
+    """The DUO curriculum's schedule: alpha_t = T(gamma_t), alpha'_t = T'(gamma_t)(gamma_max - gamma_min)."""
+
+    def __init__(self, gamma_min: float, gamma_max: float, vocab_size: int):
+        if not float(gamma_min) < float(gamma_max):
+            raise ValueError(f'algo.gamma_min must be < algo.gamma_max (e.g. gamma_min=-3.55, '
+                             f'gamma_max=-1.85), got {gamma_min} and {gamma_max}')
+        self.gamma_min, self.gamma_max = float(gamma_min), float(gamma_max)
+        self.vocab_size = _check_vocab_size(vocab_size)
+
+    def gamma(self, t: torch.Tensor) -> torch.Tensor:
+        return gamma_schedule(t, self.gamma_min, self.gamma_max)
+
+    def alpha(self, t: torch.Tensor) -> torch.Tensor:
+        return gaussian_to_uniform_alpha(self.gamma(t), self.vocab_size)
+
+    def dalpha(self, t: torch.Tensor) -> torch.Tensor:
+        return gaussian_to_uniform_dalpha(self.gamma(t), self.vocab_size) * (self.gamma_max - self.gamma_min)
