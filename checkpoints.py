@@ -11,6 +11,8 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 PREFIX = 'backbone.'
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def atomic_write(path, write_fn, mode='wb'):
@@ -27,6 +29,7 @@ def atomic_write(path, write_fn, mode='wb'):
             write_fn(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates owner-only files; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -75,6 +78,11 @@ def load_weights(path: str) -> tuple[dict, dict | None, dict]:
     if not state_dict:
         raise CheckpointError(f"checkpoint {path} has no '{PREFIX}*' weights: it is not a duo/DUO/MDLM checkpoint")
     return state_dict, checkpoint.get('ema'), checkpoint
+
+
+def read_micro_step(path) -> int:
+    """Training batches a checkpoint has consumed (memory-mapped read: the weights stay on disk)."""
+    return int(torch.load(path, map_location='cpu', weights_only=False, mmap=True).get('micro_step', 0))
 
 
 def check_compatible(state_dict: dict, backbone: torch.nn.Module, source: str):

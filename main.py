@@ -202,7 +202,10 @@ def train(config, run_dir: Path):
     last = Path(config.checkpointing.save_dir) / 'checkpoints' / 'last.ckpt'
     ckpt_path = str(last) if config.checkpointing.resume and last.exists() else None
     if ckpt_path:
-        log.info('Resuming from %s', ckpt_path)
+        import checkpoints
+        # Continue the data stream after the batches the checkpoint has already trained on.
+        train_loader.batch_sampler.start = checkpoints.read_micro_step(ckpt_path)
+        log.info('Resuming from %s (after %d batches)', ckpt_path, train_loader.batch_sampler.start)
     elif config.training.finetune_path:
         load_finetune(model, config.training.finetune_path)
     trainer = build_trainer(config, run_dir, for_training=True)
