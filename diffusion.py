@@ -325,8 +325,9 @@ class Diffusion(L.LightningModule):
         if self._ema_ctx is not None:
             self._ema_ctx.__exit__(None, None, None)
             self._ema_ctx = None
-        nll, ppl, bpd, tokens = self.valid_metric.compute()
-        self.log_dict({'val/nll': nll, 'val/ppl': ppl, 'val/bpd': bpd, 'val/tokens': tokens}, sync_dist=False)
+        nll, ppl, bpd, tokens = self.valid_metric.compute()  # already summed over ranks
+        # sync_dist averages values that are equal on every rank: a no-op that keeps Lightning quiet.
+        self.log_dict({'val/nll': nll, 'val/ppl': ppl, 'val/bpd': bpd, 'val/tokens': float(tokens)}, sync_dist=True)
 
     # ---- sampling ------------------------------------------------------------------------
     @torch.no_grad()

@@ -262,9 +262,20 @@ def sample_eval(config, run_dir: Path):
     return result
 
 
+def quiet_libraries():
+    """One log format (Hydra's, also written to <run dir>/main.log) and no third-party chatter."""
+    import warnings
+    import lightning  # noqa: F401  (installs its own console handler on import; drop it)
+    logging.getLogger('lightning').handlers.clear()
+    logging.getLogger('lightning.pytorch.utilities.rank_zero').addFilter(
+        lambda record: 'litlogger' not in record.getMessage())
+    warnings.filterwarnings('ignore', message='.*isinstance\\(treespec, LeafSpec\\)')
+
+
 @hydra.main(version_base=None, config_path='configs', config_name='config')
 def main(config: DictConfig):
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    quiet_libraries()
     try:
         config = resolve_config(config)
         import lightning as L

@@ -1,0 +1,116 @@
+"""End to end through `python main.py`, as a user runs it: train -> checkpoint -> resume -> ppl_eval.
+
+The corpus is drawn from a first-order Markov chain over 5 characters, so the exact
+log-likelihood of every validation block is known: a reported bound must never fall below
+it, and AR (which can represent the chain exactly) must come close to it.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+
+ALPHABET = 'abcd '
+TRANSITIONS = np.array([[0.05, 0.80, 0.05, 0.05, 0.05],
+                        [0.10, 0.10, 0.70, 0.05, 0.05],
+                        [0.05, 0.05, 0.10, 0.70, 0.10],
+                        [0.60, 0.10, 0.10, 0.10, 0.10],
+                        [0.30, 0.30, 0.20, 0.10, 0.10]])
+LENGTH = 32  # blocks are [BOS] + 30 characters + [EOS]
+
+
+def stationary(P):
+    w, v = np.linalg.eig(P.T)
+    pi = np.real(v[:, np.argmax(np.real(w))])
+    return pi / pi.sum()
+
+
+def markov_text(n: int, seed: int) -> str:
+    rng = np.random.default_rng(seed)
+    pi, cdf = stationary(TRANSITIONS), TRANSITIONS.cumsum(1)
+    states = [rng.choice(len(pi), p=pi)]
+    for u in rng.random(n - 1):
+        states.append(min(int(np.searchsorted(cdf[states[-1]], u)), len(pi) - 1))
+    return ''.join(ALPHABET[s] for s in states)
+
+
+def exact_block_nll(text: str) -> tuple[float, int]:
+    """(sum of -log p(block) over the wrapped validation blocks, number of blocks).
+
+    BOS and EOS are deterministic, so a block's probability is that of its 30 characters under
+    the stationary chain: pi(c_0) prod P(c_i, c_i+1).
+    """
+    states = np.array([ALPHABET.index(c) for c in text])
+    chunk = LENGTH - 2
+    n = len(states) // chunk
+    blocks = states[:n * chunk].reshape(n, chunk)
+    log_p = np.log(stationary(TRANSITIONS))[blocks[:, 0]].sum()
+    log_p += np.log(TRANSITIONS)[blocks[:, :-1], blocks[:, 1:]].sum()
+    return -float(log_p), n
+
+
+@pytest.fixture(scope='module')
+def markov_corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp('markov')
+    (d / 'train.txt').write_text(markov_text(100_000, seed=0))
+    valid = markov_text(30_000, seed=1)
+    (d / 'valid.txt').write_text(valid)
+    return d, valid
+
+
+def run_main(*overrides, check=True, timeout=900):
+    env = dict(os.environ, HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1', TRANSFORMERS_OFFLINE='1',
+               WANDB_MODE='offline')
+    proc = subprocess.run([sys.executable, 'main.py', *overrides], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f'main.py {" ".join(overrides)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}')
+    return proc
+
+
+def common(corpus_dir, run_dir, algo):
+    return [f'algo={algo}', 'data=local', f'data.train_files={corpus_dir}/train.txt',
+            f'data.valid_files={corpus_dir}/valid.txt', 'data.tokenizer_name_or_path=text8',
+            f'data.cache_dir={corpus_dir}/cache', 'model=micro', f'model.length={LENGTH}', 'model.hidden_size=64',
+            'model.n_heads=2', 'model.n_blocks=2', 'model.cond_dim=32', 'loader.global_batch_size=32',
+            'loader.num_workers=0', 'optim.lr=3e-3', 'lr_scheduler.num_warmup_steps=20',
+            'trainer.num_sanity_val_steps=0', 'trainer.val_check_interval=1000', f'hydra.run.dir={run_dir}']
+
+
+@pytest.mark.slow
+def test_ar_train_resume_eval_reaches_the_source_entropy(markov_corpus, tmp_path):
+    corpus_dir, valid = markov_corpus
+    args = common(corpus_dir, tmp_path / 'run', 'ar') + ['training.ema=0', 'checkpointing.every_n_train_steps=100']
+    run_main('mode=train', 'trainer.max_steps=150', *args)
+    ckpts = tmp_path / 'run' / 'checkpoints'
+    assert (ckpts / 'last.ckpt').exists() and (ckpts / 'step-100.ckpt').exists()
+    resumed = run_main('mode=train', 'trainer.max_steps=300', *args)
+    assert 'Resuming from' in resumed.stderr + resumed.stdout
+    assert (ckpts / 'step-300.ckpt').exists()
+    run_main('mode=ppl_eval', *args)
+    result = json.loads((tmp_path / 'run' / 'ppl_eval.json').read_text())
+    assert set(result) >= {'nll', 'ppl', 'bpd', 'tokens'}
+    total, n_blocks = exact_block_nll(valid)
+    assert result['tokens'] == n_blocks * (LENGTH - 1)  # AR predicts positions 1..L-1
+    exact = total / result['tokens']
+    assert result['ppl'] == pytest.approx(np.exp(result['nll']), rel=1e-5)
+    assert result['bpd'] == pytest.approx(result['nll'] / np.log(2), rel=1e-5)
+    # Cross-entropy >= entropy (tolerance: the estimate is on a finite sample), and AR gets close.
+    assert exact - 2e-3 <= result['nll'] <= 1.05 * exact, (result['nll'], exact)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('algo', ['mdlm', 'duo_base'])
+def test_diffusion_bound_is_never_below_the_source_entropy(markov_corpus, tmp_path, algo):
+    corpus_dir, valid = markov_corpus
+    args = common(corpus_dir, tmp_path / 'run', algo)
+    run_main('mode=train', 'trainer.max_steps=60', *args)
+    run_main('mode=ppl_eval', *args)
+    result = json.loads((tmp_path / 'run' / 'ppl_eval.json').read_text())
+    total, n_blocks = exact_block_nll(valid)
+    assert result['tokens'] == n_blocks * LENGTH  # diffusion counts every position
+    assert result['nll'] >= total / result['tokens'], (result['nll'], total / result['tokens'])
