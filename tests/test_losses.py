@@ -418,15 +418,47 @@ def test_distillation_kl_against_hand_computation():
     torch.testing.assert_close(losses.distillation_kl(student, teacher, 'kl-fwd').item(), fwd)
 
 
-def test_distillation_kl_zero_iff_equal_and_gradients():
+@pytest.mark.parametrize('chunk_rows', [1, 5, 1024])
+def test_distillation_kl_zero_iff_equal_and_gradients(monkeypatch, chunk_rows):
+    monkeypatch.setattr(losses, 'CHUNK_ROWS', chunk_rows)  # 12 rows: several chunks, a ragged last one
     g = torch.Generator().manual_seed(8)
     student = torch.randn(3, 4, 9, generator=g, dtype=torch.float64)
-    small = torch.randn(1, 2, 5, generator=g, dtype=torch.float64)
+    small = torch.randn(1, 7, 5, generator=g, dtype=torch.float64)
     for loss_type in ('kl-bwd', 'kl-fwd'):
         same = losses.distillation_kl(student, student + 2.5, loss_type)  # same distribution
         torch.testing.assert_close(same, torch.zeros(3, 4, dtype=torch.float64), atol=1e-12, rtol=0)
-        other = losses.distillation_kl(student, torch.randn(3, 4, 9, generator=g, dtype=torch.float64), loss_type)
+        teacher = torch.randn(3, 4, 9, generator=g, dtype=torch.float64)
+        other = losses.distillation_kl(student, teacher, loss_type)
         assert other.shape == (3, 4) and (other > 0).all()
+        log_p, log_q = student.log_softmax(-1), teacher.log_softmax(-1)
+        explicit = ((log_p.exp() * (log_p - log_q)) if loss_type == 'kl-bwd' else (log_q.exp() * (log_q - log_p))).sum(-1)
+        torch.testing.assert_close(other, explicit)
         s = small.clone().requires_grad_(True)
-        t = torch.randn(1, 2, 5, generator=g, dtype=torch.float64).requires_grad_(True)
+        t = torch.randn(1, 7, 5, generator=g, dtype=torch.float64).requires_grad_(True)
         assert torch.autograd.gradcheck(lambda a, b: losses.distillation_kl(a, b, loss_type), (s, t))
+        # the usual case: teacher without gradient
+        grad, = torch.autograd.grad(losses.distillation_kl(s, t.detach(), loss_type).sum(), s)
+        assert torch.isfinite(grad).all()
+    with pytest.raises(ValueError, match='loss_type'):
+        losses.distillation_kl(student, student, 'kl')
+
+
+def test_no_logit_sized_intermediate_is_saved_for_backward():
+    """Backward keeps only the logits themselves (B, L, K), never a float32 copy or a softmax."""
+    B, L, K = 2, 8, 1000
+    g = torch.Generator().manual_seed(9)
+    logits = torch.randn(B, L, K, generator=g).bfloat16().requires_grad_(True)
+    teacher = torch.randn(B, L, K, generator=g).bfloat16()
+    x0 = torch.randint(0, K - 1, (B, L), generator=g)
+    xt = torch.randint(0, K - 1, (B, L), generator=g)
+    alpha, dalpha = torch.full((B, 1), 0.3), torch.full((B, 1), -1.0)
+    inputs = {logits.untyped_storage().data_ptr(), teacher.untyped_storage().data_ptr()}
+    for fn in (lambda: losses.duo_loss(logits, x0, xt, alpha, dalpha),
+               lambda: losses.mdlm_loss(logits, x0, torch.full_like(x0, K - 1), alpha, dalpha, K - 1),
+               lambda: losses.ar_nll(logits, x0, excluded_id=K - 1),
+               lambda: losses.distillation_kl(logits, teacher)):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            fn()
+        large = [t for t in saved if t.numel() >= B * (L - 1) * K]
+        assert large and all(t.untyped_storage().data_ptr() in inputs for t in large)
