@@ -127,7 +127,7 @@ def _read_table(path: Path, vocab_size: int) -> np.ndarray | None:
                 raise ValueError('not an .npz archive')
             with cached:  # zip members carry a CRC-32, checked on read
                 meta, table = cached['meta'], cached['table']
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no cache yet (the write then says what is wrong)
         return None
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
         warnings.warn(f'ignoring unreadable cache file {path} ({err}); rebuilding it')
