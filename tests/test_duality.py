@@ -328,6 +328,7 @@ def test_curriculum_loss_composes_into_the_exact_duo_loss():
         backbone.sigmas.clear()
         t = torch.full((n,), t_value)
         per_token, weight = algo.loss(module, x.expand(n, L), torch.ones(n, L), t, step=0)
+        assert per_token.shape == (n, L) and torch.equal(weight, torch.ones(n, L))
         mc = per_token.double().mean(0)
         se = per_token.double().std(0) / math.sqrt(n)
         g = -3.55 + t_value * (-1.85 + 3.55)
