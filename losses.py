@@ -139,12 +139,62 @@ def _log_softmax_rows(rows: torch.Tensor, excluded_id: int | None):
 
 
 def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, loss_type: str = 'kl-bwd') -> torch.Tensor:
-    """Per-token KL between student and teacher predictions, float32 (B, L).
+    """Per-token KL between student and teacher predictions (B, L, K) -> (B, L), at least float32.
 
     kl-bwd = KL(p_student || p_teacher) (DCD default); kl-fwd = KL(p_teacher || p_student).
+    Fused and chunked like softmax_stats: no (B, L, K) float32 intermediate is kept.
     """
-    log_p_student = torch.log_softmax(_at_least_f32(student_logits), -1)
-    log_p_teacher = torch.log_softmax(_at_least_f32(teacher_logits), -1)
-    if loss_type == 'kl-bwd':
-        return (log_p_student.exp() * (log_p_student - log_p_teacher)).sum(-1)
-    return (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1)
+    if loss_type not in ('kl-bwd', 'kl-fwd'):
+        raise ValueError(f"algo.loss_type={loss_type!r} is unknown; use kl-bwd or kl-fwd (e.g. algo.loss_type=kl-bwd)")
+    return _ChunkedKL.apply(student_logits, teacher_logits, loss_type == 'kl-bwd')
+
+
+class _ChunkedKL(torch.autograd.Function):
+    """KL(p_s || p_t) (backward=True) or KL(p_t || p_s) per row of the logits, CHUNK_ROWS rows at a time.
+
+    With p = softmax(student), q = softmax(teacher) and D the row's KL:
+    KL(p || q): dD/ds = p (log p - log q - D),  dD/dt = q - p;
+    KL(q || p): dD/ds = p - q,                  dD/dt = q (log q - log p - D).
+    """
+
+    @staticmethod
+    def forward(ctx, student, teacher, backward_kl):
+        K = student.shape[-1]
+        s_rows, t_rows = student.reshape(-1, K), teacher.reshape(-1, K)
+        dtype = torch.promote_types(torch.promote_types(student.dtype, teacher.dtype), torch.float32)
+        kl = torch.empty(s_rows.shape[0], device=student.device, dtype=dtype)
+        for sl in _chunks(s_rows.shape[0]):
+            log_p, log_q = torch.log_softmax(s_rows[sl].to(dtype), -1), torch.log_softmax(t_rows[sl].to(dtype), -1)
+            if backward_kl:
+                kl[sl] = (log_p.exp() * (log_p - log_q)).sum(-1)
+            else:
+                kl[sl] = (log_q.exp() * (log_q - log_p)).sum(-1)
+        ctx.save_for_backward(student, teacher, kl)
+        ctx.backward_kl = backward_kl
+        return kl.reshape(student.shape[:-1])
+
+    @staticmethod
+    def backward(ctx, grad_kl):
+        student, teacher, kl = ctx.saved_tensors
+        K = student.shape[-1]
+        s_rows, t_rows = student.reshape(-1, K), teacher.reshape(-1, K)
+        g_rows, kl_rows = grad_kl.reshape(-1, 1), kl.reshape(-1, 1)
+        want_s, want_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_s = torch.empty_like(s_rows) if want_s else None
+        grad_t = torch.empty_like(t_rows) if want_t else None
+        for sl in _chunks(s_rows.shape[0]):
+            log_p, log_q = torch.log_softmax(s_rows[sl].to(kl.dtype), -1), torch.log_softmax(t_rows[sl].to(kl.dtype), -1)
+            p, q = log_p.exp(), log_q.exp()
+            if ctx.backward_kl:
+                d_s = p * (log_p - log_q - kl_rows[sl]) if want_s else None
+                d_t = q - p if want_t else None
+            else:
+                d_s = p - q if want_s else None
+                d_t = q * (log_q - log_p - kl_rows[sl]) if want_t else None
+            if want_s:
+                grad_s[sl] = (g_rows[sl] * d_s).to(grad_s.dtype)
+            if want_t:
+                grad_t[sl] = (g_rows[sl] * d_t).to(grad_t.dtype)
+        return (grad_s.reshape(student.shape) if want_s else None,
+                grad_t.reshape(teacher.shape) if want_t else None, None)
+

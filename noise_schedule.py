@@ -120,9 +120,14 @@ def _table_meta(vocab_size: int) -> np.ndarray:
 def _read_table(path: Path, vocab_size: int) -> np.ndarray | None:
     """The cached table, or None when the file is missing, corrupt or made for other settings."""
     try:
-        with np.load(path, allow_pickle=False) as cached:  # zip members carry a CRC-32, checked on read
-            meta, table = cached['meta'], cached['table']
-    except FileNotFoundError:
+        # Our own handle: np.load leaks the one it opens when the zip directory is unreadable.
+        with open(path, 'rb') as f:
+            cached = np.load(f, allow_pickle=False)
+            if not isinstance(cached, np.lib.npyio.NpzFile):  # a bare .npy array has no context manager
+                raise ValueError('not an .npz archive')
+            with cached:  # zip members carry a CRC-32, checked on read
+                meta, table = cached['meta'], cached['table']
+    except (FileNotFoundError, NotADirectoryError):  # no cache yet (the write then says what is wrong)
         return None
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
         warnings.warn(f'ignoring unreadable cache file {path} ({err}); rebuilding it')

@@ -1,0 +1,414 @@
+"""The Gaussian-uniform duality and the DUO curriculum / distillation pieces (SPEC §5).
+
+T(gamma) = (K I - 1) / (K - 1), I = int phi(z) Phi(z + e^{-gamma/2})^(K-1) dz is checked against
+Monte Carlo (argmax of Gaussian latents) and against scipy's adaptive quadrature in log Phi, for
+K from 2 to 200k; its derivative against finite differences of that quadrature.
+"""
+import io
+import math
+import time
+import types
+import warnings
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from scipy import integrate, special, stats
+
+import diffusion
+import losses
+import noise_schedule as ns
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache(tmp_path, monkeypatch):
+    """Every test starts with no in-memory table and an empty disk cache of its own."""
+    monkeypatch.setenv('DUO_CACHE_DIR', str(tmp_path / 'duo-cache'))
+    monkeypatch.setattr(ns, '_TABLES', {})
+    return tmp_path / 'duo-cache'
+
+
+def quad_alpha(gamma: float, K: int) -> float:
+    """Independent T(gamma): scipy adaptive quadrature with the integrand in log space."""
+    c = math.exp(-gamma / 2)
+
+    def integrand(z):
+        return math.exp(stats.norm.logpdf(z) + (K - 1) * special.log_ndtr(z + c))
+
+    # split where the integrand lives: around z = 0 (phi) and where Phi(z + c)^(K-1) switches on
+    switch = float(special.ndtri(1 - 1 / K)) - c
+    edges = sorted({-40.0, 40.0, 0.0, min(max(switch, -39.0), 39.0), min(max(-c, -39.0), 39.0)})
+    total = sum(integrate.quad(integrand, lo, hi, epsabs=1e-15, epsrel=1e-13, limit=200)[0]
+                for lo, hi in zip(edges[:-1], edges[1:]))
+    return (K * total - 1) / (K - 1)
+
+
+def quad_dalpha(gamma: float, K: int, h: float = 1e-4) -> float:
+    return (quad_alpha(gamma + h, K) - quad_alpha(gamma - h, K)) / (2 * h)
+
+
+# ---------------------------------------------------------------------------------------------
+# T(gamma)
+@pytest.mark.parametrize('K', [2, 3, 5, 20, 1000, 50257, 200000])
+def test_alpha_matches_quadrature(K):
+    gammas = [-9.0, -5.0, -3.55, -2.5, -1.85, -1.0, 0.0, 3.0, 10.0, 19.5, 24.0]
+    got = ns.gaussian_to_uniform_alpha(torch.tensor(gammas, dtype=torch.float64), K).numpy()
+    ref = np.array([quad_alpha(g, K) for g in gammas])
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize('K', [2, 50, 200000])
+def test_dalpha_matches_finite_differences_of_quadrature(K):
+    gammas = [-6.0, -3.0, -1.0, 2.0]
+    got = ns.gaussian_to_uniform_dalpha(torch.tensor(gammas, dtype=torch.float64), K).numpy()
+    ref = np.array([quad_dalpha(g, K) for g in gammas])
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-8)
+
+
+def test_spec_reference_values():
+    gamma = torch.tensor([-3.5, -2.5, -1.75], dtype=torch.float64)
+    got = ns.gaussian_to_uniform_alpha(gamma, 50257)
+    torch.testing.assert_close(got, torch.tensor([0.9283, 0.2380, 0.0383], dtype=torch.float64), atol=5e-5, rtol=0)
+
+
+@pytest.mark.parametrize('K', [2, 5, 20])
+def test_alpha_matches_monte_carlo_argmax(K):
+    """P(argmax(alpha~ e_x + sigma~ eps) = x) = T + (1 - T) / K."""
+    g = torch.Generator().manual_seed(K)
+    n = 200_000
+    for gamma in (-2.0, 0.0, 1.5):
+        ratio = math.exp(-gamma / 2)  # alpha~ / sigma~: the argmax ignores the common scale sigma~
+        w = torch.randn(n, K, generator=g, dtype=torch.float64)
+        w[:, 0] += ratio
+        hit = (w.argmax(-1) == 0).double().mean().item()
+        alpha_mc = (K * hit - 1) / (K - 1)
+        se = K / (K - 1) * math.sqrt(hit * (1 - hit) / n)
+        alpha = ns.gaussian_to_uniform_alpha(torch.tensor(gamma), K).item()
+        assert abs(alpha_mc - alpha) < 5 * se, (gamma, alpha_mc, alpha, se)
+
+
+def test_alpha_limits_monotonicity_and_continuity():
+    K = 50258
+    gamma = torch.linspace(-30, 60, 9001, dtype=torch.float64)
+    alpha = ns.gaussian_to_uniform_alpha(gamma, K)
+    dalpha = ns.gaussian_to_uniform_dalpha(gamma, K)
+    assert (alpha.diff() <= 1e-15).all() and (dalpha <= 0).all()
+    assert alpha[0] == 1 and 0 < alpha[-1] < 1e-6
+    # the table's ends (gamma = -10 and 20) join the extrapolations without a jump in T; T' jumps by
+    # the tail's relative error (T taken linear in c = e^{-gamma/2} beyond gamma = 20)
+    for edge in (-10.0, 20.0):
+        around = torch.tensor([edge - 1e-9, edge + 1e-9], dtype=torch.float64)
+        a, d = ns.gaussian_to_uniform_alpha(around, K), ns.gaussian_to_uniform_dalpha(around, K)
+        assert abs(a[0] - a[1]) < 1e-8 * a[0] and abs(d[0] - d[1]) <= 1e-3 * abs(d[0]) + 1e-15
+    # the tail beyond the table is linear in c = e^{-gamma/2}: T(gamma) / c is constant
+    far = torch.tensor([21.0, 30.0, 60.0], dtype=torch.float64)
+    ratio = ns.gaussian_to_uniform_alpha(far, K) / torch.exp(-far / 2)
+    torch.testing.assert_close(ratio, ratio[:1].expand(3), rtol=1e-12, atol=0)
+    assert torch.isnan(ns.gaussian_to_uniform_alpha(torch.tensor([float('nan')]), K)).all()
+
+
+def test_alpha_is_differentiable_with_gradient_dalpha():
+    K = 1000
+    gamma = torch.tensor([-4.0, -2.2, -0.5, 3.0, 25.0], dtype=torch.float64, requires_grad=True)
+    alpha = ns.gaussian_to_uniform_alpha(gamma, K)
+    grad, = torch.autograd.grad(alpha.sum(), gamma)
+    torch.testing.assert_close(grad, ns.gaussian_to_uniform_dalpha(gamma.detach(), K))
+    assert torch.autograd.gradcheck(lambda g: ns.gaussian_to_uniform_alpha(g, K), (gamma,), atol=1e-6)
+    # float32 in, float32 out, same values
+    g32 = gamma.detach().float()
+    assert ns.gaussian_to_uniform_alpha(g32, K).dtype == torch.float32
+    torch.testing.assert_close(ns.gaussian_to_uniform_alpha(g32, K).double(),
+                               ns.gaussian_to_uniform_alpha(g32.double(), K))
+
+
+def test_bad_vocab_size():
+    for bad in (1, 0, 2.5, True, '50258'):
+        with pytest.raises(ValueError, match='vocab_size'):
+            ns.gaussian_to_uniform_alpha(torch.tensor([0.0]), bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# disk cache
+def test_first_use_time_gpt2_vocabulary(fresh_cache):
+    start = time.perf_counter()
+    ns.gaussian_to_uniform_alpha(torch.tensor([-3.0]), 50258)
+    elapsed = time.perf_counter() - start
+    print(f'\nfirst use of T for K=50258 (table build + cache write): {elapsed:.2f} s')
+    assert elapsed < 20
+    assert (fresh_cache / 'gaussian_to_uniform_K50258.npz').is_file()
+
+
+def test_cache_file_is_reused_and_pickle_free(fresh_cache, monkeypatch):
+    K = 11
+    gamma = torch.linspace(-5, 5, 7, dtype=torch.float64)
+    first = ns.gaussian_to_uniform_alpha(gamma, K)
+    path = fresh_cache / f'gaussian_to_uniform_K{K}.npz'
+    with zipfile.ZipFile(path) as archive:
+        assert sorted(archive.namelist()) == ['meta.npy', 'table.npy']
+    with np.load(path, allow_pickle=False) as cached:  # loads without pickle: plain float arrays
+        assert cached['table'].dtype == np.float64 and cached['meta'].dtype == np.float64
+
+    def must_not_build(vocab_size):
+        raise AssertionError('the cached table should have been used')
+
+    monkeypatch.setattr(ns, '_TABLES', {})
+    monkeypatch.setattr(ns, '_build_table', must_not_build)
+    start = time.perf_counter()
+    second = ns.gaussian_to_uniform_alpha(gamma, K)
+    assert time.perf_counter() - start < 0.5
+    assert torch.equal(first, second)
+
+
+def _bad_cache_files(good: bytes) -> dict:
+    def npz(**arrays):
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        return buffer.getvalue()
+
+    npy = io.BytesIO()
+    np.save(npy, np.zeros((2, ns._GAMMA_NODES)))
+    flipped = bytearray(good)
+    flipped[len(flipped) // 2] ^= 0xFF
+    with np.load(io.BytesIO(good)) as archive:
+        table = archive['table']
+    return {
+        'empty': b'',
+        'random bytes': bytes(np.random.default_rng(0).integers(0, 256, 1000, dtype=np.uint8)),
+        'truncated': good[:len(good) // 2],
+        'flipped byte': bytes(flipped),
+        'bare npy': npy.getvalue(),
+        'pickled objects': npz(meta=np.array([{'a': 1}], dtype=object), table=table),
+        'wrong keys': npz(other=table),
+        'other settings': npz(meta=ns._table_meta(12), table=table),
+        'non-finite table': npz(meta=ns._table_meta(11), table=np.full_like(table, np.nan)),
+    }
+
+
+def test_unreadable_cache_files_are_rebuilt(fresh_cache, monkeypatch):
+    K = 11
+    gamma = torch.linspace(-5, 5, 7, dtype=torch.float64)
+    expected = ns.gaussian_to_uniform_alpha(gamma, K)
+    path = fresh_cache / f'gaussian_to_uniform_K{K}.npz'
+    good = path.read_bytes()
+    with np.load(path) as archive:
+        good_table = archive['table']
+    for name, content in _bad_cache_files(good).items():
+        path.write_bytes(content)
+        monkeypatch.setattr(ns, '_TABLES', {})
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            got = ns.gaussian_to_uniform_alpha(gamma, K)
+        assert torch.equal(got, expected), name
+        messages = [str(w.message) for w in caught]
+        assert any('rebuilding' in m for m in messages), (name, messages)
+        assert not any(issubclass(w.category, ResourceWarning) for w in caught), (name, messages)
+        with np.load(path, allow_pickle=False) as rewritten:  # replaced by a good file
+            assert np.array_equal(rewritten['table'], good_table), name
+
+
+def test_unwritable_cache_dir_still_works(tmp_path, monkeypatch):
+    not_a_dir = tmp_path / 'file'
+    not_a_dir.write_text('x')
+    monkeypatch.setenv('DUO_CACHE_DIR', str(not_a_dir))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        alpha = ns.gaussian_to_uniform_alpha(torch.tensor([0.0], dtype=torch.float64), 7)
+    assert len(caught) == 1 and 'DUO_CACHE_DIR' in str(caught[0].message)  # one clear warning
+    assert abs(alpha.item() - quad_alpha(0.0, 7)) < 1e-9
+
+
+# ---------------------------------------------------------------------------------------------
+# curriculum schedule
+def test_gaussian_curriculum_alpha_dalpha():
+    K, g_min, g_max = 50258, -3.55, -1.85
+    curriculum = ns.GaussianCurriculum(g_min, g_max, K)
+    t = torch.tensor([0.0, 0.3, 0.7, 1.0], dtype=torch.float64)
+    ref = [quad_alpha(g_min + ti * (g_max - g_min), K) for ti in t.tolist()]
+    torch.testing.assert_close(curriculum.alpha(t), torch.tensor(ref, dtype=torch.float64), atol=1e-8, rtol=1e-6)
+    h = 1e-5
+    inner = t[1:-1]
+    fd = (curriculum.alpha(inner + h) - curriculum.alpha(inner - h)) / (2 * h)
+    torch.testing.assert_close(curriculum.dalpha(inner), fd, rtol=1e-6, atol=1e-9)
+    assert (curriculum.dalpha(t) < 0).all()
+    with pytest.raises(ValueError, match='gamma_min'):
+        ns.GaussianCurriculum(-1.0, -2.0, K)
+
+
+# ---------------------------------------------------------------------------------------------
+# relaxed Gaussian latent (DUO curriculum input)
+def test_relaxed_latent_is_the_tempered_softmax_of_the_gaussian_latent():
+    K, B, L = 7, 3, 40
+    x0 = torch.randint(0, K, (B, L), generator=torch.Generator().manual_seed(0))
+    gamma = torch.tensor([-3.0, -1.0, 2.0])
+    tau = 0.7
+    torch.manual_seed(11)
+    xt, weights = diffusion.relaxed_gaussian_latent(x0, gamma, K, tau)
+    torch.manual_seed(11)
+    eps = torch.randn(B, L, K)  # the same draw: w = alpha~ onehot(x) + sigma~ eps, written from SPEC §5
+    a = torch.sigmoid(-gamma).sqrt()[:, None, None]
+    s = torch.sigmoid(gamma).sqrt()[:, None, None]
+    w = a * torch.nn.functional.one_hot(x0, K) + s * eps
+    assert xt.shape == (B, L) and weights.shape == (B, L, K) and weights.dtype == torch.float32
+    assert torch.equal(xt, w.argmax(-1))
+    torch.testing.assert_close(weights, (w / tau).softmax(-1), rtol=1e-5, atol=1e-6)
+
+
+def test_relaxed_latent_tends_to_one_hot_of_its_argmax():
+    K, B, L = 50, 4, 256
+    x0 = torch.randint(0, K, (B, L), generator=torch.Generator().manual_seed(1))
+    gamma = torch.tensor([-3.55, -2.5, -1.85, 0.0])
+    deviation = []
+    for tau in (1.0, 1e-2, 1e-4, 1e-9):
+        xt, weights = diffusion.relaxed_gaussian_latent(x0, gamma, K, tau)
+        deviation.append((weights - torch.nn.functional.one_hot(xt, K)).abs().amax().item())
+    assert deviation[0] > 0.1 and deviation[-1] < 1e-6
+    assert all(a >= b for a, b in zip(deviation, deviation[1:]))
+
+
+def test_relaxed_latent_argmax_is_uniform_state_noise():
+    """argmax(w) ~ Cat(T(gamma) x + (1 - T(gamma)) / K 1), one gamma per sequence (chi-square)."""
+    torch.manual_seed(2)
+    K, L = 5, 60_000
+    gamma = torch.tensor([-3.0, -1.0, 0.5, 2.0])
+    x0 = torch.randint(0, K, (len(gamma), L))
+    xt, _ = diffusion.relaxed_gaussian_latent(x0, gamma, K, 1.0)
+    for row, g in enumerate(gamma.tolist()):
+        alpha = quad_alpha(g, K)
+        shift = (xt[row] - x0[row]) % K  # 0 = kept; every other offset is one of the K-1 other classes
+        observed = torch.bincount(shift, minlength=K).numpy()
+        expected = L * np.array([alpha + (1 - alpha) / K] + [(1 - alpha) / K] * (K - 1))
+        assert stats.chisquare(observed, expected).pvalue > 1e-4, (g, observed, expected)
+
+
+class _TableBackbone:
+    """A fixed 'network' that accepts ids or relaxed one-hot weights: logits = onehot(x) @ M (per position)."""
+
+    def __init__(self, M):
+        self.M = M  # (L, K, K)
+        self.sigmas = []
+
+    def __call__(self, x, sigma=None, attention_mask=None):
+        self.sigmas.append(sigma)
+        if not x.is_floating_point():
+            x = torch.nn.functional.one_hot(x, self.M.shape[-1]).to(self.M.dtype)
+        return torch.einsum('blk,lkj->blj', x.to(self.M.dtype), self.M)
+
+
+def _duo_config(tau_log10: float, start: int = 0, end: int = 100):
+    return OmegaConf.create({
+        'noise': {'type': 'log-linear', 'eps': 1e-3},
+        'algo': {'gamma_min': -3.55, 'gamma_max': -1.85, 'gumbel_tau_log10_start': tau_log10,
+                 'gumbel_tau_log10_end': tau_log10, 'curriculum_start': start, 'curriculum_end': end}})
+
+
+def test_curriculum_loss_composes_into_the_exact_duo_loss():
+    """With tau -> 0 the relaxed-input logits are the logits of z_t = argmax(w), and the curriculum loss
+    is an unbiased estimate of the exact DUO-base loss at alpha = T(gamma_t), alpha' = T'(gamma_t) dgamma."""
+    torch.manual_seed(3)
+    K, L = 4, 2
+    M = torch.randn(L, K, K, dtype=torch.float64) * 2
+    backbone = _TableBackbone(M)
+    # pointwise: relaxed input at tau = 1e-9 gives the same logits and loss as the discrete z_t
+    x0 = torch.randint(0, K, (512, L))
+    gamma = torch.full((512,), -2.7)
+    xt, weights = diffusion.relaxed_gaussian_latent(x0, gamma, K, 1e-9)
+    alpha = ns.gaussian_to_uniform_alpha(gamma, K)[:, None].double()
+    dalpha = ns.gaussian_to_uniform_dalpha(gamma, K)[:, None].double() * 1.7
+    torch.testing.assert_close(backbone(weights), backbone(xt))
+    torch.testing.assert_close(losses.duo_loss(backbone(weights), x0, xt, alpha, dalpha),
+                               losses.duo_loss(backbone(xt), x0, xt, alpha, dalpha))
+    # in expectation, through DUO.loss: Monte Carlo over the Gaussian latent == exact sum over z_t
+    algo = diffusion.DUO(_duo_config(-9.0), K, mask_id=K - 1)
+    module = types.SimpleNamespace(backbone=backbone)
+    x = torch.tensor([[1, 3]])
+    n = 40_000
+    for t_value in (0.2, 0.8):
+        backbone.sigmas.clear()
+        t = torch.full((n,), t_value)
+        per_token, weight = algo.loss(module, x.expand(n, L), torch.ones(n, L), t, step=0)
+        assert per_token.shape == (n, L) and torch.equal(weight, torch.ones(n, L))
+        mc = per_token.double().mean(0)
+        se = per_token.double().std(0) / math.sqrt(n)
+        g = -3.55 + t_value * (-1.85 + 3.55)
+        a_t = quad_alpha(g, K)
+        da_t = quad_dalpha(g, K) * (-1.85 + 3.55)
+        torch.testing.assert_close(backbone.sigmas[0].double(), torch.full((n,), -math.log(a_t), dtype=torch.float64),
+                                   rtol=1e-5, atol=1e-6)
+        exact = torch.zeros(L, dtype=torch.float64)
+        for z in torch.cartesian_prod(torch.arange(K), torch.arange(K)):
+            prob = math.prod(a_t * (z[j] == x[0, j]).item() + (1 - a_t) / K for j in range(L))
+            loss = losses.duo_loss(backbone(z[None]), x, z[None], torch.tensor([[a_t]], dtype=torch.float64),
+                                   torch.tensor([[da_t]], dtype=torch.float64))
+            exact += prob * loss[0]
+        assert ((mc - exact).abs() < 5 * se).all(), (t_value, mc, exact, se)
+
+
+# ---------------------------------------------------------------------------------------------
+# distillation latents
+def test_shared_noise_latents_marginals_and_coupling():
+    torch.manual_seed(4)
+    K, L = 5, 40_000
+    gamma_t = torch.tensor([-1.0, -1.0, -1.0, 1.0])
+    gamma_s = torch.tensor([-1.0, -1.2, -2.5, -2.0])  # s < t: less noise at s
+    x0 = torch.randint(0, K, (len(gamma_t), L))
+    zt, zs = diffusion.shared_noise_latents(x0, gamma_t, gamma_s, K)
+    assert torch.equal(zt[0], zs[0])  # s = t: the same latent
+    rng = np.random.default_rng(0)
+    agree = []
+    for row in range(len(gamma_t)):
+        for z, g in ((zt[row], gamma_t[row].item()), (zs[row], gamma_s[row].item())):
+            alpha = quad_alpha(g, K)
+            observed = torch.bincount((z - x0[row]) % K, minlength=K).numpy()
+            expected = L * np.array([alpha + (1 - alpha) / K] + [(1 - alpha) / K] * (K - 1))
+            assert stats.chisquare(observed, expected).pvalue > 1e-4, (row, g)
+        # joint law: one eps for both, against an independent numpy simulation of the coupling
+        eps = rng.standard_normal((L, K))
+        ref_t = np.argmax(eps + np.exp(-gamma_t[row].item() / 2) * np.eye(K)[0], -1)
+        ref_s = np.argmax(eps + np.exp(-gamma_s[row].item() / 2) * np.eye(K)[0], -1)
+        p_ref = np.mean(ref_t == ref_s)
+        p = (zt[row] == zs[row]).double().mean().item()
+        assert abs(p - p_ref) < 5 * math.sqrt(p_ref * (1 - p_ref) / L * 2) + 1e-12, (row, p, p_ref)
+        agree.append(p)
+    # coincidence grows as s -> t
+    assert agree[0] == 1.0 and agree[1] > agree[2]
+
+
+# ---------------------------------------------------------------------------------------------
+# step-dependent schedules
+def test_duo_tau_schedule():
+    config = OmegaConf.create({
+        'noise': {'type': 'log-linear', 'eps': 1e-3},
+        'algo': {'gamma_min': -3.55, 'gamma_max': -1.85, 'gumbel_tau_log10_start': -1.0,
+                 'gumbel_tau_log10_end': -3.0, 'curriculum_start': 100, 'curriculum_end': 300}})
+    algo = diffusion.DUO(config, 50258, 50257)
+    assert algo.tau(0) == pytest.approx(0.1) and algo.tau(100) == pytest.approx(0.1)
+    assert algo.tau(300) == pytest.approx(1e-3) and algo.tau(10_000) == pytest.approx(1e-3)
+    for step in (125, 200, 290):  # log-linear: log10 tau moves linearly in the step
+        assert math.log10(algo.tau(step)) == pytest.approx(-1.0 - 2.0 * (step - 100) / 200)
+    assert algo.in_curriculum(299) and not algo.in_curriculum(300)
+
+
+def _distillation_config(linear_growth: bool):
+    return OmegaConf.create({
+        'noise': {'type': 'log-linear', 'eps': 1e-3},
+        'trainer': {'max_steps': 1000},
+        'algo': {'gamma_min': -3.55, 'gamma_max': -1.85, 'T': 512, 'update_teacher_every': 100,
+                 'linear_growth_dt': linear_growth, 'linear_growth_min': 0.001, 'linear_growth_max': 0.25,
+                 'loss_type': 'kl-bwd'}})
+
+
+def test_distillation_delta_doubles_each_round():
+    algo = diffusion.Distillation(_distillation_config(False), 50258, 50257)
+    assert algo.delta(0) == algo.delta(99) == 1 / 512
+    assert algo.delta(100) == algo.delta(199) == 2 / 512
+    assert algo.delta(500) == 32 / 512
+    assert algo.delta(900) == 1.0 and algo.delta(5000) == 1.0  # 2^9 / 512 = 1; never a step beyond t = 1
+
+
+def test_distillation_delta_linear_growth():
+    algo = diffusion.Distillation(_distillation_config(True), 50258, 50257)
+    assert algo.delta(0) == pytest.approx(0.001)
+    assert algo.delta(500) == pytest.approx(0.001 + 0.5 * 0.249)
+    assert algo.delta(1000) == pytest.approx(0.25) and algo.delta(2000) == pytest.approx(0.25)

@@ -1,0 +1,96 @@
+"""Noise schedules and stratified time sampling (SPEC §3)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from scipy import stats
+
+import noise_schedule as ns
+
+
+def _central_difference(f, t, h=1e-5):
+    return (f(t + h) - f(t - h)) / (2 * h)
+
+
+@pytest.mark.parametrize('eps', [1e-3, 0.05])
+def test_log_linear(eps):
+    s = ns.LogLinear(eps)
+    t = torch.linspace(0, 1, 101, dtype=torch.float64)
+    torch.testing.assert_close(s.alpha(t), 1 - (1 - eps) * t)
+    assert s.alpha(torch.tensor(0.0, dtype=torch.float64)) == 1
+    assert abs(s.alpha(torch.tensor(1.0, dtype=torch.float64)) - eps) < 1e-15
+    inner = t[1:-1]
+    torch.testing.assert_close(s.dalpha(inner), _central_difference(s.alpha, inner), rtol=1e-8, atol=1e-9)
+
+
+@pytest.mark.parametrize('eps', [1e-3, 0.05])
+def test_cosine(eps):
+    s = ns.Cosine(eps)
+    t = torch.linspace(0, 1, 101, dtype=torch.float64)
+    # SPEC §3: alpha_t = 1 - cos(pi/2 (1 - (1 - eps) t)), written here with sin for independence
+    torch.testing.assert_close(s.alpha(t), 1 - torch.sin(math.pi / 2 * (1 - eps) * t), rtol=1e-12, atol=1e-14)
+    assert abs(s.alpha(torch.tensor(0.0, dtype=torch.float64)) - 1) < 1e-15
+    assert abs(s.alpha(torch.tensor(1.0, dtype=torch.float64)) - (1 - math.cos(math.pi / 2 * eps))) < 1e-15
+    inner = t[1:-1]
+    torch.testing.assert_close(s.dalpha(inner), _central_difference(s.alpha, inner), rtol=1e-7, atol=1e-9)
+    assert (s.dalpha(t) <= 0).all() and (s.alpha(t).diff() < 0).all()
+
+
+def test_schedules_keep_dtype_and_shape():
+    for schedule in (ns.LogLinear(1e-3), ns.Cosine(1e-3)):
+        t = torch.rand(4, 1)
+        assert schedule.alpha(t).shape == (4, 1) and schedule.alpha(t).dtype == torch.float32
+        assert schedule.dalpha(t).shape == (4, 1) and schedule.dalpha(t).dtype == torch.float32
+
+
+def test_get_schedule():
+    assert isinstance(ns.get_schedule(OmegaConf.create({'type': 'log-linear', 'eps': 1e-3})), ns.LogLinear)
+    cosine = ns.get_schedule(OmegaConf.create({'type': 'cosine', 'eps': '1e-3'}))
+    assert isinstance(cosine, ns.Cosine) and cosine.eps == 1e-3
+    with pytest.raises(ValueError, match='noise.type'):
+        ns.get_schedule(OmegaConf.create({'type': 'linear', 'eps': 1e-3}))
+
+
+# ---------------------------------------------------------------------------------------------
+# stratified ("antithetic") times
+def _strata(t, eps, n):
+    """Index of the stratum of each time in the global batch of n, from t = eps + (1 - eps) t~."""
+    return np.floor((t.double().numpy() - eps) / (1 - eps) * n).astype(int)
+
+
+@pytest.mark.parametrize('batch_size,world_size', [(1, 1), (8, 1), (5, 4)])
+def test_stratified_times_one_per_stratum_and_disjoint_across_ranks(batch_size, world_size):
+    eps = 1e-3
+    n = batch_size * world_size
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        strata = []
+        for rank in range(world_size):
+            t = ns.stratified_times(batch_size, eps, rank, world_size, generator=g)
+            assert t.shape == (batch_size,) and t.dtype == torch.float32
+            assert ((t >= eps) & (t <= 1)).all()
+            own = _strata(t, eps, n)
+            # this rank holds strata [rank * b, (rank + 1) * b): disjoint from every other rank's
+            assert (own // batch_size == rank).all()
+            strata.extend(own.tolist())
+        assert sorted(strata) == list(range(n))
+
+
+def test_stratified_times_uniform_marginal():
+    eps, batch_size, world_size = 1e-3, 4, 2
+    g = torch.Generator().manual_seed(1)
+    draws = torch.cat([ns.stratified_times(batch_size, eps, rank, world_size, generator=g)
+                       for _ in range(2000) for rank in range(world_size)]).double().numpy()
+    assert stats.kstest(draws, stats.uniform(loc=eps, scale=1 - eps).cdf).pvalue > 1e-3
+    # and uniform within each stratum: the position inside the stratum is U(0, 1)
+    within = (draws - eps) / (1 - eps) * (batch_size * world_size) % 1
+    assert stats.kstest(within, 'uniform').pvalue > 1e-3
+
+
+def test_stratified_times_draws_differ_by_generator():
+    a = ns.stratified_times(16, 1e-3, generator=torch.Generator().manual_seed(0))
+    b = ns.stratified_times(16, 1e-3, generator=torch.Generator().manual_seed(1))
+    assert not torch.equal(a, b)
+    assert torch.equal(a, ns.stratified_times(16, 1e-3, generator=torch.Generator().manual_seed(0)))
