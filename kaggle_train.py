@@ -211,6 +211,7 @@ class Plan:
     num_samples: int
     sample_batch: int
     gen_ppl: bool
+    warmup: int | None = None  # a shorter learning-rate warmup for short runs
     overrides: list = field(default_factory=list)
     probe: dict | None = None
 
@@ -265,6 +266,10 @@ def make_plan(args, overrides, device: hardware.Device) -> Plan:
     data_tag = ('local' if args.data_files else 'owt') + (str(subset) if subset else '')
     run_name = args.run_name or f'{data_tag}-{algo}-{model}-L{length}'
     num_samples = args.num_samples or defaults['num_samples']
+    # The configured warmup (2,500 steps) is for long runs: a run of fewer than ten times that
+    # many steps warms up over its first 10% instead, or it would end before reaching optim.lr.
+    warmup = int(config.lr_scheduler.num_warmup_steps)
+    short_warmup = max(args.steps // 10, 1) if args.steps and args.steps < 10 * warmup else None
     gen_ppl = not args.offline or Path(args.gen_ppl_model).expanduser().is_dir()
     return Plan(device=device, model=model, algo=algo, length=length, shape=shape, precision=precision,
                 attn_backend=hardware.attn_backend_for(device), batch=batch, steps=args.steps, subset=subset,
@@ -275,7 +280,7 @@ def make_plan(args, overrides, device: hardware.Device) -> Plan:
                               if set(args.stages) - {'train'} else 0),
                 eval_batches=args.eval_batches or (None if device.is_gpu else defaults['eval_batches']),
                 num_samples=num_samples, sample_batch=hardware.sample_batch_for(device, shape, num_samples),
-                gen_ppl=gen_ppl, overrides=overrides)
+                gen_ppl=gen_ppl, warmup=short_warmup, overrides=overrides)
 
 
 def common_overrides(plan: Plan, eval_batch_size: int) -> list[str]:
@@ -309,6 +314,8 @@ def main_commands(plan: Plan, args, train_seconds: int) -> dict:
              'checkpointing.keep_last=1']
     if plan.steps:
         train.append(f'trainer.max_steps={plan.steps}')
+    if plan.warmup is not None:
+        train.append(f'lr_scheduler.num_warmup_steps={plan.warmup}')
     if args.wandb == 'offline':
         train.append('+wandb.offline=true')
     elif args.wandb == 'online':
@@ -386,6 +393,7 @@ def print_plan(plan: Plan, args, commands: dict, train_seconds: int):
         + (f'; training stops after {format_max_time(train_seconds)}' if 'train' in args.stages else '')
         + (f', {format_max_time(plan.eval_reserve)} kept for evaluation' if plan.eval_reserve else ''),
         f"  steps       : {plan.steps if plan.steps else 'until the time limit'}"
+        + (f', learning-rate warmup {plan.warmup} steps (10%)' if plan.warmup is not None else '')
         + (f'; resuming from {plan.last_ckpt}' if plan.last_ckpt.exists() else ''),
         '',
         'Commands',
@@ -441,6 +449,28 @@ def checkpoint_step(path: Path) -> int | None:
         return None
     import torch
     return int(torch.load(path, map_location='cpu', weights_only=False, mmap=True).get('global_step', 0))
+
+
+def tidy_last_checkpoint(ckpt_dir: Path) -> int | None:
+    """Make checkpoints/last.ckpt the most advanced of last.ckpt and last-v<N>.ckpt; drop the rest.
+
+    After a resume, Lightning's ModelCheckpoint does not overwrite a last.ckpt it did not write
+    itself (main.py writes it when training stops at the time limit) and writes last-v1.ckpt
+    instead, while main.py resumes from last.ckpt. Returns the step of last.ckpt.
+    """
+    candidates = sorted(ckpt_dir.glob('last*.ckpt'))
+    steps = {path: checkpoint_step(path) for path in candidates
+             if path.name == 'last.ckpt' or re.fullmatch(r'last-v\d+\.ckpt', path.name)}
+    if not steps:
+        return None
+    best = max(steps, key=lambda path: (steps[path], path.stat().st_mtime))
+    last = ckpt_dir / 'last.ckpt'
+    if best != last:
+        os.replace(best, last)
+    for path in steps:
+        if path not in (best, last):
+            path.unlink(missing_ok=True)
+    return steps[best]
 
 
 def import_previous(plan: Plan, source: str):
@@ -709,7 +739,7 @@ def run(args, overrides) -> int:
         # Training stops itself (trainer.max_time); the timeout is a safety net at the hard limit.
         return run_child([sys.executable, str(ROOT / 'main.py'), *commands[stage]], env, deadline - time.time())
 
-    done = checkpoint_step(plan.last_ckpt)
+    done = tidy_last_checkpoint(plan.last_ckpt.parent)
     if 'train' not in args.stages:
         if done is None:
             raise UsageError(f'no checkpoint at {plan.last_ckpt}: run the train stage first (--stages train), '
@@ -719,6 +749,7 @@ def run(args, overrides) -> int:
     else:
         code = main_py('train')
         merge_history(plan.run_dir)
+        tidy_last_checkpoint(plan.last_ckpt.parent)
         if code != 0:
             print(f'Training failed (exit {code}); fix the error above and re-run the same command to resume',
                   file=sys.stderr)

@@ -167,10 +167,12 @@ def test_block_activation_model_matches_what_autograd_saves(dtype, causal, dropo
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('algo', ['duo_base', 'duo'])
-def test_training_step_peak_matches_the_profiler(algo, tmp_path):
-    """Whole-step peak (states, activations, logits, loss temporaries) against the CPU profiler's
-    memory timeline for a bf16-autocast DiT step with AdamW and EMA."""
+@pytest.mark.filterwarnings('ignore:`export_memory_timeline` is deprecated')
+def test_training_step_peak_matches_the_profiler(tmp_path):
+    """Whole-step peak (states, activations, logits and their gradients, the loss's temporaries,
+    DUO's relaxed input) against the CPU profiler's memory timeline for a bf16-autocast DUO step
+    (curriculum) with AdamW and EMA."""
+    algo = 'duo'
     import types
     from hydra import compose, initialize_config_dir
     from torch.profiler import ProfilerActivity, profile
@@ -245,6 +247,16 @@ def test_checkpoint_interval_makes_the_last_step_a_checkpoint():
     assert kaggle_train.checkpoint_interval(10007, 1000) == 10007  # prime: only the end
     for steps in (1200, 3001, 77777):
         assert steps % kaggle_train.checkpoint_interval(steps, 1000) == 0
+
+
+def test_tidy_last_checkpoint_keeps_the_most_advanced(tmp_path):
+    for name, step in (('last.ckpt', 70), ('last-v1.ckpt', 77), ('last-v2.ckpt', 75), ('step-77.ckpt', 77)):
+        torch.save({'global_step': step, 'name': name}, tmp_path / name)
+    assert kaggle_train.tidy_last_checkpoint(tmp_path) == 77
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['last.ckpt', 'step-77.ckpt']
+    assert torch.load(tmp_path / 'last.ckpt')['name'] == 'last-v1.ckpt'
+    assert kaggle_train.tidy_last_checkpoint(tmp_path) == 77  # idempotent
+    assert kaggle_train.tidy_last_checkpoint(tmp_path / 'missing') is None
 
 
 def write_csv(path, rows):
@@ -323,12 +335,12 @@ def test_dry_run_on_ampere_uses_bf16_and_passes_overrides_last(capsys, tmp_path)
 
 @pytest.mark.parametrize('argv, message', [
     (['--assume-gpu', 't4'], '--assume-gpu=t4 plans for hardware'),
-    (['--dry-run', '--model', 'huge'], '--model=huge is unknown'),
+    (['--dry-run', '--assume-gpu', 'cpu', '--model', 'huge'], '--model=huge is unknown'),
     (['--dry-run', '--steps', '0'], '--steps=0 must be >= 1'),
     (['--dry-run', 'trainer.max_steps'], 'neither a flag'),
-    (['--dry-run', '--subset', '1'], '--subset=1 must be an integer >= 2'),
+    (['--dry-run', '--assume-gpu', 'cpu', '--subset', '1'], '--subset=1 must be an integer >= 2'),
     (['--dry-run', '--stages', 'train,deploy'], '--stages=train,deploy'),
-    (['--dry-run', 'model.nope=3'], 'nope'),
+    (['--dry-run', '--assume-gpu', 'cpu', 'model.nope=3'], 'nope'),
     (['--dry-run', '--assume-gpu', 't4x2', '--model', 'medium', '--length', '1024'], 'smaller --model'),
 ])
 def test_bad_arguments_fail_with_one_clear_line(capsys, argv, message):
@@ -444,15 +456,17 @@ def test_kaggle_train_end_to_end_with_a_resume(tmp_path):
               '--global-batch-size', '8', '--output-dir', str(tmp_path / 'out'), '--offline',
               '--num-samples', '3', '--eval-batches', '3', '--eval-reserve', '0']
     # Session 1 stops at its time limit (trainer.max_time, as --time-limit sets it) long before 10^6 steps.
-    first = run_kaggle_train(*common, '--steps', '1000000', *TINY, 'trainer.max_time=00:00:00:04')
+    first = run_kaggle_train(*common, '--steps', '1000000', '--stages', 'train', *TINY, 'trainer.max_time=00:00:00:04')
     run = tmp_path / 'out' / 'local300-duo_base-micro-L32'
     step = kaggle_train.checkpoint_step(run / 'checkpoints' / 'last.ckpt')
     assert 0 < step < 1_000_000
     assert 'training stopped at step' in first and 'All tests passed!' in first
-    # Session 2: the same command (and a target) resumes where session 1 stopped.
+    assert not (run / 'ppl_eval.json').exists()  # --stages train
+    # Session 2: the same command (and a target) resumes where session 1 stopped, then evaluates.
     second = run_kaggle_train(*common, '--steps', str(step + 6), '--skip-checks', *TINY)
     assert 'Resuming from' in second
     assert kaggle_train.checkpoint_step(run / 'checkpoints' / 'last.ckpt') == step + 6
+    assert not list((run / 'checkpoints').glob('last-v*.ckpt'))
     ppl = json.loads((run / 'ppl_eval.json').read_text())
     assert ppl['tokens'] > 0 and ppl['ppl'] > 1
     samples = json.loads((run / 'samples.json').read_text())
