@@ -19,6 +19,7 @@ without a hub (`data=stdlib`).
 """
 import ast
 import bz2
+import functools
 import glob
 import gzip
 import hashlib
@@ -170,7 +171,8 @@ class FileSet:
 
 
 def hub_error(what: str, error: Exception) -> DataError:
-    first = (str(error).splitlines() or [''])[0][:160]
+    first = (str(error).splitlines() or [''])[0]
+    first = first if len(first) <= 160 else first[:157] + '...'
     return DataError(f'cannot read {what} from the Hugging Face hub ({type(error).__name__}: {first}); '
                        'without internet point data.data_files at local copies of the files '
                        '(.parquet/.jsonl/.txt, e.g. data.data_files=/kaggle/input/owt/*.parquet) '
@@ -182,7 +184,8 @@ def _hub_fs():
     return HfFileSystem()
 
 
-def _hub_glob(item: str, setting: str) -> list[str]:
+@functools.lru_cache(maxsize=None)  # one listing per pattern and process (counting and reading both need it)
+def _hub_glob(item: str, setting: str) -> tuple[str, ...]:
     try:
         matches = sorted(_hub_fs().glob(item.removeprefix('hf://')))
     except Exception as e:
@@ -190,7 +193,7 @@ def _hub_glob(item: str, setting: str) -> list[str]:
     if not matches:
         raise DataError(f'{setting}: {item} matches no files on the Hugging Face hub; '
                           'check data.hub_path / data.hub_revision / the file pattern')
-    return ['hf://' + m for m in matches]
+    return tuple('hf://' + m for m in matches)
 
 
 def download(url: str, directory: Path) -> Path:

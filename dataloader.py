@@ -469,7 +469,7 @@ def build_blocks(source: DocumentSource, tokenizer, packer, out_dir: Path, vocab
         encoded = map(_encode, batches)
     try:
         with open(out_dir / 'blocks.bin', 'wb') as f, tqdm(desc=f'tokenizing {desc}', unit=' docs', total=expected,
-                                                          disable=None, mininterval=2) as bar:
+                                                          mininterval=2) as bar:
             for ids, lengths in encoded:
                 blocks, row_lengths = packer.add(ids, lengths)
                 blocks.astype(dtype).tofile(f)
