@@ -141,7 +141,7 @@ class FileSet:
             name = item.removeprefix('builtin:')
             if name not in BUILTIN:
                 raise DataError(f'{self.setting}={item}: no built-in corpus {name!r}; '
-                                  f'available: {", ".join("builtin:" + n for n in BUILTIN)}')
+                                f'available: {", ".join("builtin:" + n for n in BUILTIN)}')
             return [str(BUILTIN[name](Path(self.cache_dir)))]
         if kind == 'url':
             return [str(download(item, Path(self.cache_dir) / 'downloads'))]
@@ -155,7 +155,7 @@ class FileSet:
             matches = sorted(p for p in glob.glob(path) if os.path.isfile(p))
         if not matches:
             raise DataError(f'{self.setting}={item} matches no files; give a path, directory or glob of '
-                              f'.parquet, .jsonl or .txt files, e.g. {self.setting}=/kaggle/input/owt/*.parquet')
+                            f'.parquet, .jsonl or .txt files, e.g. {self.setting}=/kaggle/input/owt/*.parquet')
         return matches
 
     def open(self, path: str):
@@ -192,7 +192,7 @@ def _hub_glob(item: str, setting: str) -> tuple[str, ...]:
         raise hub_error(item, e) from None
     if not matches:
         raise DataError(f'{setting}: {item} matches no files on the Hugging Face hub; '
-                          'check data.hub_path / data.hub_revision / the file pattern')
+                        'check data.hub_path / data.hub_revision / the file pattern')
     return tuple('hf://' + m for m in matches)
 
 
@@ -212,7 +212,7 @@ def download(url: str, directory: Path) -> Path:
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
         raise DataError(f'cannot download {url} ({type(e).__name__}: {e}); without internet point '
-                          f'data.data_files at a local copy of {name}') from None
+                        f'data.data_files at a local copy of {name}') from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -234,7 +234,7 @@ def file_format(name: str) -> tuple[str, str | None]:
     suffix = os.path.splitext(os.path.basename(base))[1]
     if suffix not in _FORMATS or (compression and _FORMATS[suffix] in ('parquet', 'zip')):
         raise DataError(f'cannot read {name}: use .parquet, .jsonl (.json) or .txt files, optionally '
-                          '.gz/.bz2/.xz/.zst compressed, or a .zip of them')
+                        '.gz/.bz2/.xz/.zst compressed, or a .zip of them')
     return _FORMATS[suffix], compression
 
 
@@ -269,7 +269,7 @@ class _Reader:
                     member_fmt, compression = file_format(member)
                     with archive.open(member) as m:
                         if member_fmt == 'parquet':
-                            yield from self._parquet_texts(io.BytesIO(m.read()), member, 0, None)
+                            yield from self.parquet_texts(io.BytesIO(m.read()), member, 0, None)
                         else:
                             yield from self.records(_decompress(m, compression), member, member_fmt)
 
@@ -312,16 +312,16 @@ class _Reader:
         if not isinstance(row, dict) or self.text_field not in row:
             keys = sorted(row) if isinstance(row, dict) else type(row).__name__
             raise DataError(f'data.text_field={self.text_field} is not a field of the records of {name} '
-                              f'(fields: {keys}); set data.text_field to the one holding the text')
+                            f'(fields: {keys}); set data.text_field to the one holding the text')
         return row[self.text_field]
 
-    def _parquet_texts(self, fobj, name: str, skip: int, take: int | None) -> Iterator[str]:
+    def parquet_texts(self, fobj, name: str, skip: int, take: int | None) -> Iterator[str]:
         """Texts of rows [skip, skip + take) of a parquet file; row groups outside are not read."""
         import pyarrow.parquet as pq
         pf = pq.ParquetFile(fobj)
         if self.text_field not in pf.schema_arrow.names:
             raise DataError(f'data.text_field={self.text_field} is not a column of {name} '
-                              f'(columns: {pf.schema_arrow.names}); set data.text_field to the one holding the text')
+                            f'(columns: {pf.schema_arrow.names}); set data.text_field to the one holding the text')
         pos = 0
         for g in range(pf.num_row_groups):
             n = pf.metadata.row_group(g).num_rows
@@ -349,8 +349,8 @@ class _Row:
 class DocumentSource:
     """The documents of one split: a FileSet, which of its documents, and how to read them.
 
-    `select` picks documents of the stream: ('all',), ('first', n), ('range', a, b),
-    ('drop_last', v) or ('last', v), where v is a count or None for 10% of the documents.
+    `select` picks documents of the stream: ('all',), ('range', a, b), ('drop_last', v) or
+    ('last', v), where v is a count or None for 10% of the documents.
     In character mode (`char_chunk`), the documents are pieces of `char_chunk` characters of
     the fraction `char_range` of the joined text. `detokenizer` names the function applied to
     each text before tokenizing (see detokenizers.py). `describe()` is what the tokenized cache
@@ -389,8 +389,8 @@ class DocumentSource:
                 if fmt == 'parquet':
                     n = reader.parquet_rows(raw)
                     if pos + n > skip:
-                        yield from reader._parquet_texts(raw, path, max(skip - pos, 0),
-                                                         None if take is None else skip + take - max(pos, skip))
+                        yield from reader.parquet_texts(raw, path, max(skip - pos, 0),
+                                                        None if take is None else skip + take - max(pos, skip))
                     pos += n
                     continue
                 for record in reader.records(_decompress(raw, compression), path, fmt):
@@ -422,16 +422,14 @@ class DocumentSource:
         kind, *args = self.select
         if kind == 'all':
             return 0, None
-        if kind == 'first':
-            return 0, args[0]
         if kind == 'range':
             return args[0], args[1]
         total = self.count()
         tail = args[0] if args[0] is not None else max(total // 10, 1)
         if tail >= total:
             raise DataError(f'the documents of {self.files.setting} number {total}, too few to keep {tail} '
-                              f'for validation and train on the rest; add documents or set data.valid_docs '
-                              f'(e.g. data.valid_docs={max(total // 10, 1)})')
+                            f'for validation and train on the rest; add documents or set data.valid_docs '
+                            f'(e.g. data.valid_docs={max(total // 10, 1)})')
         return (0, total - tail) if kind == 'drop_last' else (total - tail, total)
 
     def _char_text_range(self) -> str:
@@ -444,12 +442,8 @@ class DocumentSource:
         start, stop = self.span()
         if self.char_chunk:
             text, n = self._char_text_range(), self.char_chunk
-            pieces = (text[i:i + n] for i in range(0, len(text) - n + 1, n))
-            stop = len(text) // n if stop is None else stop
-            for i, piece in enumerate(pieces):
-                if i >= stop:
-                    return
-                if i >= start:
-                    yield piece
+            available = len(text) // n  # the partial last piece is dropped
+            for i in range(start, available if stop is None else min(stop, available)):
+                yield text[i * n:(i + 1) * n]
             return
         yield from self._texts(start, None if stop is None else stop - start)

@@ -246,7 +246,8 @@ def _local_filesets(data, cache_dir: str) -> tuple[FileSet, FileSet | None, str]
         unknown = set(spec.keys()) - {'train', 'validation'}
         if unknown or spec.get('train') is None:
             raise DataError(f'data.data_files must be a path/glob/list or {{train: ..., validation: ...}} '
-                            f'(got keys {sorted(spec.keys())}); e.g. data.data_files={{train: a.jsonl, validation: b.jsonl}}')
+                            f'(got keys {sorted(spec.keys())}); '
+                            'e.g. data.data_files={train: a.jsonl, validation: b.jsonl}')
         train = FileSet(_items(spec['train']), 'data.data_files.train', cache_dir)
         if spec.get('validation') is None:
             return train, None, 'data.data_files names no validation files'
@@ -261,7 +262,8 @@ def _local_filesets(data, cache_dir: str) -> tuple[FileSet, FileSet | None, str]
         by_split[_split_of(f, root)].append(f)
     if None in by_split:  # not split-named: every file holds training documents
         return everything, None, 'the files of data.data_files are not named for splits'
-    train_word, valid_word = _split_word(data.get('train_split') or 'train'), _split_word(data.get('valid_split') or 'validation')
+    train_word = _split_word(data.get('train_split') or 'train')
+    valid_word = _split_word(data.get('valid_split') or 'validation')
     if not by_split.get(train_word):
         raise DataError(f'data.data_files={spec} has files named for the splits {sorted(by_split)} but none for '
                         f'{train_word}; name the training files train*.parquet/.jsonl or give '

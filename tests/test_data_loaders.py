@@ -81,7 +81,8 @@ def test_too_few_blocks_for_a_batch():
 
 # ---- workers and pinned memory --------------------------------------------------------------
 @pytest.mark.parametrize('cpus, devices, accelerator, expected', [
-    (2, 1, 'cpu', 1), (1, 1, 'cpu', 0), (64, 1, 'gpu', 4), (16, 8, 'gpu', 1), (16, '0,1', 'gpu', 4), (8, [0, 1, 2, 3], 'gpu', 1)])
+    (2, 1, 'cpu', 1), (1, 1, 'cpu', 0), (64, 1, 'gpu', 4), (16, 8, 'gpu', 1), (16, '0,1', 'gpu', 4),
+    (8, [0, 1, 2, 3], 'gpu', 1)])
 def test_default_num_workers(monkeypatch, cpus, devices, accelerator, expected):
     monkeypatch.setattr(dataloader, '_cpus', lambda: cpus)
     assert dataloader.default_num_workers(loader_config(devices=devices, accelerator=accelerator).trainer) == expected
