@@ -58,15 +58,15 @@ def _row_chunks(n_rows: int, width: int):
 def gumbel_argmax(logits: torch.Tensor, generator=None, use_float64: bool = True) -> torch.Tensor:
     """One draw per row of softmax(logits): logits (N, K), -inf allowed -> ids (N,) int64.
 
-    argmax(logits + G) with G = -log E, E ~ Exp(1) (a standard Gumbel). E is clamped away from 0
-    so that G is finite and a -inf logit can never win.
+    argmax(logits + G) with G = -log(-log U), U ~ U(0, 1) (a standard Gumbel). U is clamped into
+    [tiny, 1 - eps] so that G is finite and a -inf logit can never win.
     """
     dtype = torch.float64 if use_float64 else torch.float32
-    tiny = torch.finfo(dtype).tiny
+    info = torch.finfo(dtype)
     out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
     for start, end in _row_chunks(logits.shape[0], logits.shape[1]):
         noise = torch.empty((end - start, logits.shape[1]), dtype=dtype, device=logits.device)
-        noise.exponential_(generator=generator).clamp_(min=tiny).log_().neg_()
+        noise.uniform_(generator=generator).clamp_(info.tiny, 1 - info.eps).log_().neg_().log_().neg_()
         out[start:end] = noise.add_(logits[start:end]).argmax(-1)
     return out
 
@@ -162,7 +162,7 @@ def sample_diffusion(logits_fn, batch_size: int, length: int, vocab_size: int, a
     be called on a subset of the batch (b <= B). alpha_fn(t float64 tensor) -> α_t, elementwise.
     kind: 'uniform' starts from uniform ids over the K classes; 'absorbing' from all-[MASK]
     (mask_id). noise_removal after the S steps: 'ancestral' (one more step to α_s = 1), 'greedy'
-    (argmax of x̂ at t_min), 'none'. Both cost one extra forward.
+    (argmax of x̂ at t_min, the Greedy-Tail) or 'none'; the first two cost one extra forward.
     cache (absorbing only; ignored for uniform, where every token can change at every step):
     True runs the network only on the sequences that have a token to fill at this step, which is
     exact for any absorbing denoiser (x̂ is evaluated at the current z_t and t); False runs it on the

@@ -390,3 +390,36 @@ def test_bad_settings_raise_one_clear_line():
         samplers.sample_diffusion(fn, 2, 2, K, linear_alpha, 4, kind='gaussian')
     with pytest.raises(ValueError, match='sampling.top_k=-1'):
         samplers.sample_ar(lambda tokens: torch.zeros(2, K), 2, 3, bos_id=0, top_k=-1)
+
+
+# ------------------------------------------------------------------------- wiring in diffusion.py
+
+@pytest.mark.parametrize('algo', ['ar', 'mdlm', 'duo_base'])
+def test_diffusion_generate(algo):
+    """The algorithm classes drive the samplers: shapes, ids in range, BOS first (AR), no [MASK] left."""
+    from omegaconf import OmegaConf
+
+    from diffusion import Diffusion
+    from tests.conftest import ROOT
+    configs = ROOT / 'configs'
+    config = OmegaConf.load(configs / 'config.yaml')
+    del config['defaults']  # the groups this test needs, without the data group
+    config.algo = OmegaConf.load(configs / 'algo' / f'{algo}.yaml')
+    config.model = OmegaConf.load(configs / 'model' / 'micro.yaml')
+    config.noise = OmegaConf.load(configs / 'noise' / 'log-linear.yaml')
+    config = OmegaConf.merge(config, OmegaConf.from_dotlist([
+        'model.length=16', 'model.hidden_size=32', 'model.n_heads=2', 'model.n_blocks=1', 'model.cond_dim=16',
+        'sampling.steps=4', 'sampling.p_nucleus=0.9', 'training.ema=0']))
+    torch.manual_seed(0)
+    module = Diffusion(config, vocab_size=20, mask_id=19, bos_id=18).eval()
+    with torch.no_grad():
+        for p in module.backbone.parameters():
+            p.normal_(0, 0.5)
+        a = module.generate(3, generator=torch.Generator().manual_seed(0))
+        b = module.generate(3, generator=torch.Generator().manual_seed(0))
+    assert a.shape == (3, 16) and torch.equal(a, b)
+    assert (a >= 0).all() and (a < 20).all()
+    if algo == 'ar':
+        assert (a[:, 0] == 18).all() and (a[:, 1:] != 19).all()
+    if algo == 'mdlm':
+        assert (a != 19).all()
