@@ -61,7 +61,7 @@ def load_weights(path: str) -> tuple[dict, dict | None, dict]:
     Accepts our/upstream Lightning .ckpt files and Hugging Face directories or hub ids.
     """
     path = str(path)
-    if is_hf_reference(path):
+    if is_hf_reference(path) or Path(path).is_dir():  # a directory without config.json gets load_hf's message
         from models.hf_format import load_hf
         hf_config, state_dict = load_hf(path)
         return state_dict, None, {'hf_config': hf_config}

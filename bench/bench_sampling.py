@@ -1,0 +1,219 @@
+"""Sampling throughput and the samplers' overhead on top of the network (SPEC §6).
+
+For each algorithm (ar, mdlm with the per-sequence cache, duo_base) and step count, samples one
+batch from a DiT with random weights and reports tokens/s and the share of the wall time spent
+outside the backbone's forward passes. Target: the sampler adds at most 15% to the forwards.
+The same run times an upstream-style reference (`naive`): float64 probabilities over the whole
+vocabulary, a one-hot posterior (B, L, K) per step, float64 Gumbel draws over all of it, MDLM
+caching decided for the whole batch, AR recomputing the whole prefix for every token.
+
+    python bench/bench_sampling.py                      # the default preset (see --help)
+    python bench/bench_sampling.py --steps 8 --length 64 --algos mdlm duo_base
+"""
+import argparse
+import json
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import samplers  # noqa: E402
+from models.dit import DiT  # noqa: E402
+
+ALGOS = ('ar', 'mdlm', 'duo_base')
+EPS = 1e-3  # log-linear schedule alpha_t = 1 - (1 - eps) t
+
+
+def alpha_fn(t):
+    return 1 - (1 - EPS) * t
+
+
+class Timer:
+    """Accumulates the wall time of the wrapped calls (synchronising CUDA around them)."""
+
+    def __init__(self, device):
+        self.device, self.seconds, self.calls, self.rows = device, 0.0, 0, 0
+
+    def sync(self):
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize()
+
+    def wrap(self, fn):
+        def timed(*args):
+            self.sync()
+            start = time.perf_counter()
+            out = fn(*args)
+            self.sync()
+            self.seconds += time.perf_counter() - start
+            self.calls += 1
+            self.rows += args[0].shape[0]
+            return out
+        return timed
+
+
+def random_dit(args, causal, device):
+    torch.manual_seed(0)
+    model = DiT(args.vocab, args.hidden, args.cond, args.blocks, args.heads, args.length, causal=causal)
+    with torch.no_grad():  # fresh adaLN and output layers are zero: give the logits some structure
+        for name, p in model.named_parameters():
+            if 'norm' not in name:
+                p.normal_(0, 0.02 if p.dim() == 2 else 0.01)
+    return model.to(device).eval()
+
+
+# ---------------------------------------------------------------------------- ours
+
+def ours(algo, model, args, steps, timer, generator):
+    mask_id = args.vocab - 1
+    if algo == 'ar':
+        cache = model.init_kv_cache(args.batch, args.length)
+        forward = timer.wrap(lambda tokens: model(tokens, kv_cache=cache))
+
+        def step(tokens):
+            logits = forward(tokens)[:, -1].float()
+            logits[:, mask_id] = float('-inf')
+            return logits
+        return samplers.sample_ar(step, args.batch, args.length, bos_id=args.vocab - 2, generator=generator,
+                                  device=args.device)
+    if algo == 'mdlm':
+        logits_fn = timer.wrap(lambda z, t: model(z, torch.zeros_like(t)))
+    else:
+        logits_fn = timer.wrap(lambda z, t: model(z, -torch.log(alpha_fn(t))))
+    return samplers.sample_diffusion(logits_fn, args.batch, args.length, args.vocab, alpha_fn, steps,
+                                     kind='absorbing' if algo == 'mdlm' else 'uniform', mask_id=mask_id,
+                                     cache=True, generator=generator, device=args.device)
+
+
+# ---------------------------------------------------------------------------- upstream-style reference
+
+def naive_categorical(probs, generator):
+    """Upstream's draw: argmax(p / E) with E = 1e-10 - log(U + 1e-10), all in float64 over (B, L, K)."""
+    u = torch.rand(probs.shape, dtype=torch.float64, generator=generator, device=probs.device)
+    return (probs / (1e-10 - (u + 1e-10).log())).argmax(-1)
+
+
+def naive(algo, model, args, steps, timer, generator):
+    B, L, K, mask_id = args.batch, args.length, args.vocab, args.vocab - 1
+    device = args.device
+    if algo == 'ar':
+        forward = timer.wrap(lambda tokens: model(tokens))
+        x = torch.full((B, L), args.vocab - 2, dtype=torch.long, device=device)
+        for i in range(L - 1):
+            logits = forward(x[:, :i + 1])[:, -1].double()
+            logits[:, mask_id] = float('-inf')
+            x[:, i + 1] = naive_categorical(logits.softmax(-1), generator)
+        return x
+    grid = samplers.time_grid(steps, device=device)
+    if algo == 'mdlm':
+        forward = timer.wrap(lambda z, t: model(z, torch.zeros_like(t)))
+        x = torch.full((B, L), mask_id, dtype=torch.long, device=device)
+        p_x0 = None
+        for i in range(steps + 1):
+            t = grid[i]
+            s = grid[i + 1] if i < steps else torch.zeros((), dtype=torch.float64, device=device)
+            move_t, move_s = 1 - alpha_fn(t), (1 - alpha_fn(s) if i < steps else 0.0)
+            if p_x0 is None:  # recomputed when anything in the batch changed
+                logits = forward(x, torch.full((B,), float(t), device=device)).double()
+                logits[..., mask_id] = float('-inf')
+                p_x0 = logits.softmax(-1)
+            q_xs = p_x0 * (move_t - move_s)
+            q_xs[..., mask_id] = move_s
+            x_new = naive_categorical(q_xs, generator)
+            x_new = torch.where(x != mask_id, x, x_new)
+            if not torch.equal(x_new, x):
+                p_x0 = None
+            x = x_new
+        return x
+    forward = timer.wrap(lambda z, t: model(z, -torch.log(alpha_fn(t))))
+    x = torch.randint(K, (B, L), generator=generator, device=device)
+    for i in range(steps + 1):
+        a_t = alpha_fn(grid[i])
+        a_s = alpha_fn(grid[i + 1]) if i < steps else torch.ones((), dtype=torch.float64, device=device)
+        x_hat = forward(x, torch.full((B,), float(grid[i]), device=device)).double().softmax(-1)
+        one_hot = torch.nn.functional.one_hot(x, K).double()
+        a_ts = a_t / a_s
+        q = ((a_s - a_t) * x_hat + (K * a_t * (x_hat * one_hot).sum(-1, keepdim=True) + a_ts - a_t) * one_hot
+             + (1 - a_ts) * (1 - a_s) / K)
+        x = naive_categorical(q / q.sum(-1, keepdim=True), generator)
+    return x
+
+
+# ---------------------------------------------------------------------------- driver
+
+def measure(kind, algo, model, args, steps):
+    timer = Timer(args.device)
+    generator = torch.Generator(args.device).manual_seed(0)
+    timer.sync()
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = (ours if kind == 'ours' else naive)(algo, model, args, steps, timer, generator)
+    timer.sync()
+    total = time.perf_counter() - start
+    assert out.shape == (args.batch, args.length)
+    outside = total - timer.seconds
+    return {'algo': algo, 'sampler': kind, 'steps': steps, 'forward_calls': timer.calls,
+            'forward_rows': timer.rows, 'total_s': total, 'forward_s': timer.seconds,
+            'outside_share': outside / total, 'overhead_vs_forward': outside / timer.seconds,
+            'tokens_per_s': args.batch * args.length / total}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument('--algos', nargs='+', default=list(ALGOS), choices=ALGOS)
+    parser.add_argument('--steps', nargs='+', type=int, default=[32, 128],
+                        help='diffusion steps (AR always runs length - 1 forwards, once)')
+    parser.add_argument('--hidden', type=int, default=256)
+    parser.add_argument('--blocks', type=int, default=4)
+    parser.add_argument('--heads', type=int, default=4)
+    parser.add_argument('--cond', type=int, default=128)
+    parser.add_argument('--vocab', type=int, default=50258, help='K (the last id is the [MASK])')
+    parser.add_argument('--length', type=int, default=256)
+    parser.add_argument('--batch', type=int, default=4)
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--no-naive', action='store_true', help='skip the upstream-style reference')
+    parser.add_argument('--out', type=Path, default=ROOT / 'bench' / 'results')
+    args = parser.parse_args(argv)
+    args.device = torch.device(args.device)
+
+    rows = []
+    header = (f"{'algo':9} {'sampler':7} {'steps':>5} {'fwd rows':>8} {'total s':>8} {'fwd s':>8} "
+              f"{'outside':>8} {'overhead':>8} {'tok/s':>8} {'speed-up':>8}")
+    print(header)
+    print('-' * len(header))
+    for algo in args.algos:
+        model = random_dit(args, algo == 'ar', args.device)
+        warm = argparse.Namespace(**{**vars(args), 'length': min(args.length, 8)})
+        for kind in ('ours', 'naive'):  # first calls allocate and spin up thread pools: not timed
+            measure(kind, algo, model, warm, 1)
+        for steps in ([args.length - 1] if algo == 'ar' else args.steps):
+            result = measure('ours', algo, model, args, steps)
+            rows.append(result)
+            if not args.no_naive:
+                reference = measure('naive', algo, model, args, steps)
+                result['speedup_vs_naive'] = reference['total_s'] / result['total_s']
+                rows.append(reference)
+            for r in rows[-1 if args.no_naive else -2:]:
+                print(f"{r['algo']:9} {r['sampler']:7} {r['steps']:5d} {r['forward_rows']:8d} {r['total_s']:8.2f} "
+                      f"{r['forward_s']:8.2f} {r['outside_share']:8.1%} {r['overhead_vs_forward']:8.1%} "
+                      f"{r['tokens_per_s']:8.1f} {r.get('speedup_vs_naive', float('nan')):8.2f}", flush=True)
+    device_name = torch.cuda.get_device_name(args.device) if args.device.type == 'cuda' else platform.processor() or 'cpu'
+    record = {'date': datetime.now(timezone.utc).isoformat(timespec='seconds'), 'device': str(args.device),
+              'device_name': device_name, 'torch': torch.__version__, 'threads': torch.get_num_threads(),
+              'preset': {k: v for k, v in vars(args).items() if k not in ('out', 'device', 'algos', 'steps')},
+              'results': rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"sampling-{args.device.type}-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(record, indent=2) + '\n')
+    print(f'wrote {path}')
+    return record
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,250 @@
+"""Samplers (SPEC §6): ancestral sampling of uniform-state (DUO) and absorbing (MDLM) diffusion,
+and autoregressive sampling with a KV cache.
+
+Everything here is a pure function of its inputs and of `generator`. Shapes: B batch, L length,
+K classes, N = number of rows (tokens) being drawn. The denoiser is passed as a function that
+returns LOGITS, so that the samplers only touch the (rows, K) slices they need:
+
+- uniform-state step: per token, a three-component mixture with scalar weights (draw from x̂, keep
+  z_t, draw a uniform id). Only x̂_{z_t} (one logsumexp per row) is needed for every token; a
+  draw from x̂ is needed only for the tokens that pick that component.
+- absorbing step: which masked tokens unmask does not depend on x̂, so it is decided first, and
+  the network runs only on the sequences that have a token to fill (`cache=True`).
+
+Categorical draws are Gumbel-max over the logits with noise drawn in float64 by default (low-
+precision noise truncates the Gumbel tail and lowers sample entropy), in row chunks of bounded size.
+"""
+import torch
+from tqdm.auto import tqdm
+
+KINDS = ('uniform', 'absorbing')
+NOISE_REMOVAL = ('ancestral', 'greedy', 'none')
+T_MIN = 1e-5
+# Rows x K elements of one chunk of temporaries (Gumbel noise, sorted probabilities): 128 MB in float64.
+CHUNK_ELEMENTS = 1 << 24
+
+
+# ---------------------------------------------------------------------------- argument checks
+
+def check_steps(steps):
+    if int(steps) != steps or steps < 1:
+        raise ValueError(f"sampling.steps={steps} must be an integer >= 1 (e.g. sampling.steps=128)")
+
+
+def check_p_nucleus(p_nucleus):
+    if not 0 < p_nucleus <= 1:
+        raise ValueError(f"sampling.p_nucleus={p_nucleus} must be in (0, 1] (e.g. sampling.p_nucleus=0.9)")
+
+
+def check_noise_removal(noise_removal):
+    if noise_removal not in NOISE_REMOVAL:
+        raise ValueError(f"sampling.noise_removal={noise_removal} is unknown; use one of "
+                         f"{', '.join(NOISE_REMOVAL)} (e.g. sampling.noise_removal=ancestral)")
+
+
+# ---------------------------------------------------------------------------- building blocks
+
+def time_grid(steps: int, t_min: float = T_MIN, device=None) -> torch.Tensor:
+    """(steps + 1,) float64 times t_0 = 1 > ... > t_S = t_min, equally spaced."""
+    check_steps(steps)
+    return torch.linspace(1.0, t_min, steps + 1, dtype=torch.float64, device=device)
+
+
+def _row_chunks(n_rows: int, width: int):
+    rows = max(1, CHUNK_ELEMENTS // max(width, 1))
+    return ((start, min(start + rows, n_rows)) for start in range(0, n_rows, rows))
+
+
+def gumbel_argmax(logits: torch.Tensor, generator=None, use_float64: bool = True) -> torch.Tensor:
+    """One draw per row of softmax(logits): logits (N, K), -inf allowed -> ids (N,) int64.
+
+    argmax(logits + G) with G = -log(-log U), U ~ U(0, 1) (a standard Gumbel). U is clamped into
+    [tiny, 1 - eps] so that G is finite and a -inf logit can never win.
+    """
+    dtype = torch.float64 if use_float64 else torch.float32
+    info = torch.finfo(dtype)
+    out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    for start, end in _row_chunks(logits.shape[0], logits.shape[1]):
+        noise = torch.empty((end - start, logits.shape[1]), dtype=dtype, device=logits.device)
+        noise.uniform_(generator=generator).clamp_(info.tiny, 1 - info.eps).log_().neg_().log_().neg_()
+        out[start:end] = noise.add_(logits[start:end]).argmax(-1)
+    return out
+
+
+def top_k_filter_(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """In place on logits (N, K): all but the k largest logits of each row become -inf (k = 0: off)."""
+    if k < 0:
+        raise ValueError(f"sampling.top_k={k} must be >= 0 (0 = off; e.g. sampling.top_k=50)")
+    if 0 < k < logits.shape[-1]:
+        kth = logits.topk(k, dim=-1).values[:, -1:]
+        logits.masked_fill_(logits < kth, float('-inf'))
+    return logits
+
+
+def nucleus_filter_(logits: torch.Tensor, p_nucleus: float) -> torch.Tensor:
+    """In place on logits (N, K): keep, per row, the most probable classes whose total probability
+    first reaches p_nucleus (classes tied with the last one kept are kept too); the rest -> -inf."""
+    check_p_nucleus(p_nucleus)
+    if p_nucleus == 1:
+        return logits
+    for start, end in _row_chunks(logits.shape[0], logits.shape[1]):
+        chunk = logits[start:end]
+        probs = chunk.float().softmax(-1)
+        ranked = probs.sort(dim=-1, descending=True).values
+        mass_before = ranked.cumsum(-1) - ranked
+        n_keep = (mass_before < p_nucleus).sum(-1, keepdim=True).clamp_(min=1)
+        threshold = ranked.gather(-1, n_keep - 1)
+        chunk.masked_fill_(probs < threshold, float('-inf'))
+    return logits
+
+
+def _row_logsumexp(logits: torch.Tensor) -> torch.Tensor:
+    """logits (N, K) any float dtype -> (N,) float64 log-normaliser, computed in float32 chunks."""
+    out = torch.empty(logits.shape[0], dtype=torch.float64, device=logits.device)
+    for start, end in _row_chunks(logits.shape[0], logits.shape[1]):
+        out[start:end] = torch.logsumexp(logits[start:end].float(), dim=-1)
+    return out
+
+
+def uniform_step(z: torch.Tensor, logits: torch.Tensor, alpha_t: float, alpha_s: float,
+                 p_nucleus: float = 1.0, generator=None, use_float64: bool = True) -> torch.Tensor:
+    """One ancestral step t -> s of uniform-state diffusion (SPEC §6): z_t (B, L) -> z_s (B, L).
+
+    logits (B, L, K): the denoiser x_θ(z_t) (modified in place by the nucleus filter).
+    q(z_s | z_t, x̂) ∝ (α_s - α_t) x̂ + (K α_t x̂_{z_t} + α_t/α_s - α_t) e_{z_t}
+                      + (1 - α_t/α_s)(1 - α_s)/K · 1,
+    a mixture whose three components have the per-token weights w_x, w_keep, w_unif: pick the
+    component, then draw from x̂, keep z_t, or draw a uniform id. α_s = 1 gives the last
+    (noise-removal) step: w_unif = 0.
+    """
+    B, L, K = logits.shape
+    flat = logits.reshape(B * L, K)
+    nucleus_filter_(flat, p_nucleus)
+    ids = z.reshape(-1)
+    x_at_z = torch.exp(flat.gather(1, ids[:, None]).squeeze(1).double() - _row_logsumexp(flat))
+    alpha_ts = alpha_t / alpha_s
+    w_x = alpha_s - alpha_t
+    w_keep = K * alpha_t * x_at_z + (alpha_ts - alpha_t)
+    w_unif = (1 - alpha_ts) * (1 - alpha_s)
+    u = torch.rand(ids.shape, dtype=torch.float64, generator=generator, device=ids.device)
+    u.mul_(w_x + w_keep + w_unif)
+    out = ids.clone()
+    from_x = (u < w_x).nonzero().squeeze(1)
+    out[from_x] = gumbel_argmax(flat[from_x], generator, use_float64)
+    from_unif = (u >= w_x + w_keep).nonzero().squeeze(1)
+    out[from_unif] = torch.randint(K, from_unif.shape, generator=generator, device=ids.device)
+    return out.view(B, L)
+
+
+def fill_from_logits(z: torch.Tensor, positions: torch.Tensor, logits_rows: torch.Tensor, mask_id: int,
+                     p_nucleus: float = 1.0, generator=None, use_float64: bool = True) -> torch.Tensor:
+    """Absorbing: draw z[positions] ~ x̂ with the [MASK] logit at -inf (SUBS), in place on z.
+
+    positions (N, 2) (sequence, position) pairs; logits_rows (N, K) the denoiser's logits there
+    (modified in place when float32).
+    """
+    rows = logits_rows.float()
+    rows[:, mask_id] = float('-inf')
+    nucleus_filter_(rows, p_nucleus)
+    z[positions[:, 0], positions[:, 1]] = gumbel_argmax(rows, generator, use_float64)
+    return z
+
+
+# ---------------------------------------------------------------------------- samplers
+
+def sample_diffusion(logits_fn, batch_size: int, length: int, vocab_size: int, alpha_fn, steps: int, *,
+                     kind: str, mask_id: int | None = None, noise_removal: str = 'ancestral',
+                     p_nucleus: float = 1.0, use_float64: bool = True, cache: bool = True,
+                     generator=None, device=None, progress: bool = False, t_min: float = T_MIN) -> torch.Tensor:
+    """Ancestral sampling over the grid t_0 = 1 > ... > t_S = t_min; returns ids (B, L) int64.
+
+    logits_fn(z (b, L) int64, t (b,) float32) -> denoiser logits (b, L, K), any float dtype; it may
+    be called on a subset of the batch (b <= B). alpha_fn(t float64 tensor) -> α_t, elementwise.
+    kind: 'uniform' starts from uniform ids over the K classes; 'absorbing' from all-[MASK]
+    (mask_id). noise_removal after the S steps: 'ancestral' (one more step to α_s = 1), 'greedy'
+    (argmax of x̂ at t_min, the Greedy-Tail) or 'none'; the first two cost one extra forward.
+    cache (absorbing only; ignored for uniform, where every token can change at every step):
+    True runs the network only on the sequences that have a token to fill at this step, which is
+    exact for any absorbing denoiser (x̂ is evaluated at the current z_t and t); False runs it on the
+    whole batch at every step (the plain ancestral sampler).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r} is unknown; use 'uniform' (duo, duo_base) or 'absorbing' (mdlm)")
+    check_steps(steps)
+    check_noise_removal(noise_removal)
+    check_p_nucleus(p_nucleus)
+    grid = time_grid(steps, t_min, device=device)
+    alphas = alpha_fn(grid).double().tolist()
+    draw = dict(p_nucleus=p_nucleus, generator=generator, use_float64=use_float64)
+    shape = (batch_size, length)
+    if kind == 'uniform':
+        z = torch.randint(vocab_size, shape, generator=generator, device=device)
+        for i in tqdm(range(steps), disable=not progress, desc='sampling'):
+            z = uniform_step(z, _call(logits_fn, z, grid[i]), alphas[i], alphas[i + 1], **draw)
+        if noise_removal == 'ancestral':
+            z = uniform_step(z, _call(logits_fn, z, grid[-1]), alphas[-1], 1.0, **draw)
+        elif noise_removal == 'greedy':
+            z = _call(logits_fn, z, grid[-1]).argmax(-1)
+        return z
+    if mask_id is None or not 0 <= mask_id < vocab_size:
+        raise ValueError(f"absorbing sampling needs mask_id in [0, {vocab_size}), got {mask_id}")
+    z = torch.full(shape, mask_id, dtype=torch.long, device=device)
+    for i in tqdm(range(steps), disable=not progress, desc='sampling'):
+        a_t, a_s = alphas[i], alphas[i + 1]
+        u = torch.rand(shape, dtype=torch.float64, generator=generator, device=device)
+        unmask = (z == mask_id) & (u < (a_s - a_t) / (1 - a_t))
+        _absorbing_fill(logits_fn, z, unmask, grid[i], cache, mask_id, **draw)
+    masked = z == mask_id
+    if noise_removal == 'ancestral':
+        _absorbing_fill(logits_fn, z, masked, grid[-1], cache, mask_id, **draw)
+    elif noise_removal == 'greedy':
+        rows = masked.any(1).nonzero().squeeze(1) if cache else torch.arange(batch_size, device=z.device)
+        if len(rows):
+            logits = _call(logits_fn, z[rows], grid[-1])
+            logits[..., mask_id] = float('-inf')
+            z[rows] = torch.where(masked[rows], logits.argmax(-1), z[rows])
+    return z
+
+
+def _call(logits_fn, z, t):
+    return logits_fn(z, torch.full(z.shape[:1], float(t), dtype=torch.float32, device=z.device))
+
+
+def _absorbing_fill(logits_fn, z, fill, t, cache, mask_id, **draw):
+    """Draw x̂ at the positions where fill (B, L) is True, in place on z (B, L).
+
+    cache=True: the network sees only the sequences with something to fill; else the whole batch.
+    """
+    if not cache:
+        logits = _call(logits_fn, z, t)
+        positions = fill.nonzero()
+        fill_from_logits(z, positions, logits[positions[:, 0], positions[:, 1]], mask_id, **draw)
+        return
+    rows = fill.any(1).nonzero().squeeze(1)
+    if len(rows) == 0:
+        return
+    sub_z = z[rows]
+    positions = fill[rows].nonzero()
+    logits = _call(logits_fn, sub_z, t)
+    fill_from_logits(sub_z, positions, logits[positions[:, 0], positions[:, 1]], mask_id, **draw)
+    z[rows] = sub_z
+
+
+def sample_ar(step, batch_size: int, length: int, *, bos_id: int, p_nucleus: float = 1.0, top_k: int = 0,
+              use_float64: bool = True, generator=None, device=None, progress: bool = False) -> torch.Tensor:
+    """Ancestral autoregressive sampling: ids (B, length) int64 starting with bos_id.
+
+    step(new_tokens (B, n) int64) -> logits (B, K) of the next token after them; the caller keeps
+    the KV cache (or recomputes the prefix) inside `step`. It is called length - 1 times with one
+    new token each. top_k > 0 keeps the k largest logits, p_nucleus < 1 the nucleus, before the draw.
+    """
+    check_p_nucleus(p_nucleus)
+    if length < 1:
+        raise ValueError(f"model.length={length} must be >= 1 (e.g. model.length=1024)")
+    tokens = torch.full((batch_size, length), bos_id, dtype=torch.long, device=device)
+    for i in tqdm(range(length - 1), disable=not progress, desc='sampling'):
+        logits = step(tokens[:, i:i + 1]).float()
+        top_k_filter_(logits, top_k)
+        nucleus_filter_(logits, p_nucleus)
+        tokens[:, i + 1] = gumbel_argmax(logits, generator, use_float64)
+    return tokens
