@@ -46,8 +46,6 @@ DEFAULT_TIME_LIMIT = '11:30:00'     # Kaggle stops a session at 12 h; leave room
 DEFAULT_EVAL_RESERVE = '00:20:00'   # kept for ppl_eval, sample_eval and the summary
 GPU_DEFAULTS = {'model': 'small', 'length': 512, 'global_batch_size': 64, 'num_samples': 8}
 CPU_DEFAULTS = {'model': 'micro', 'length': 128, 'global_batch_size': 4, 'num_samples': 4, 'eval_batches': 10}
-
-
 STAGES = ('train', 'eval', 'sample')
 MAIN_MODES = {'train': 'train', 'eval': 'ppl_eval', 'sample': 'sample_eval'}
 
@@ -110,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None):
     """(flags, Hydra overrides): anything that is not a flag must look like key=value."""
     args, rest = build_parser().parse_known_args(argv)
+    if args.data_files:  # nargs='+' also swallows the overrides that follow --data-files
+        override = re.compile(r'[+~]?[A-Za-z_][\w.]*=')
+        rest += [f for f in args.data_files if override.match(f)]
+        args.data_files = [f for f in args.data_files if not override.match(f)] or None
     unknown = [a for a in rest if a.startswith('-') or '=' not in a]
     if unknown:
         raise UsageError(f'{unknown[0]} is neither a flag of kaggle_train.py nor a Hydra override key=value '
@@ -256,8 +258,8 @@ def make_plan(args, overrides, device: hardware.Device) -> Plan:
     config = compose_config(base + overrides)
     length = args.length or (defaults['length'] if device.is_gpu else min(defaults['length'], int(config.model.length)))
     config = compose_config(base + [f'model.length={length}'] + overrides)
-    length = int(config.model.length)  # an explicit model.length=... override wins
-    algo = str(config.algo.name)
+    # Explicit overrides (model=..., model.length=..., algo=...) win over the flags.
+    model, length, algo = str(config.model.name), int(config.model.length), str(config.algo.name)
     precision = hardware.precision_for(device)
     global_batch = args.global_batch_size or defaults['global_batch_size']
     shape = hardware.ModelShape.from_config(config.model, vocab_size(config), algo)

@@ -241,17 +241,21 @@ def check_subset():
     return f'OWT_SUBSET_NUM={n}: {n_train} train / {n_valid} validation documents'
 
 
-def check_local_data(files):
+def check_local_data(files, cache_dir: Path):
+    """The first training document of --data-files, read by the data layer as training reads it."""
     import dataloader
-    paths = dataloader._files(list(files), '--data-files')
-    kind = dataloader._builder(paths, '--data-files')
-    source = dataloader.DocumentSource(files=paths)
+    from omegaconf import open_dict
+    data = dataloader.load_data_config('openwebtext-split', {'cache_dir': str(cache_dir), 'num_proc': None})
+    with open_dict(data):
+        data.data_files, data.subset_num = list(files), 10  # a subset: no need to count the documents
+    source = dataloader.document_sources(data, splits=('train',))['train']
+    paths = source.files.files()
     first = next(iter(source), None)
     if not first:
-        raise Fail(f'{paths[0]} holds no document with a non-empty "text" field',
+        raise Fail(f'{paths[0]} holds no document with a non-empty "{data.text_field}" field',
                    'give .txt files (paragraphs are documents), or .jsonl/.parquet with a "text" column')
     size = sum(os.path.getsize(p) for p in paths)
-    return f'{len(paths)} {kind} file(s), {size / 2**20:.1f} MiB; first document {len(first)} characters'
+    return f'{len(paths)} file(s), {size / 2**20:.1f} MiB; first document {len(first)} characters'
 
 
 def skip_hub():
@@ -448,7 +452,7 @@ def main(argv=None) -> int:
     checks.run('attention numerics', check_attention, device, usable)
     checks.run('OWT_SUBSET_NUM', check_subset)
     if args.data_files:
-        checks.run('data', check_local_data, args.data_files)
+        checks.run('data', check_local_data, args.data_files, output_dir / 'data_cache')
     elif args.offline:
         checks.run('data', skip_hub)
     else:

@@ -333,6 +333,15 @@ def test_dry_run_on_ampere_uses_bf16_and_passes_overrides_last(capsys, tmp_path)
     assert argv[-2:] == ['optim.lr=1e-4', 'model.length=256']
 
 
+def test_overrides_after_data_files_and_model_overrides_are_honoured(capsys, tmp_path):
+    code, out, err = dry_run(capsys, '--assume-gpu', 't4', '--output-dir', str(tmp_path), '--data-files',
+                             str(tmp_path / 'a.jsonl'), 'model=tiny', 'optim.lr=1e-4')
+    assert code == 0, err
+    assert 'model       : tiny' in out and 'local11000-duo_base-tiny-L512' in out
+    argv = train_command(out)
+    assert f'data.data_files={tmp_path}/a.jsonl' in argv and argv[-2:] == ['model=tiny', 'optim.lr=1e-4']
+
+
 @pytest.mark.parametrize('argv, message', [
     (['--assume-gpu', 't4'], '--assume-gpu=t4 plans for hardware'),
     (['--dry-run', '--assume-gpu', 'cpu', '--model', 'huge'], '--model=huge is unknown'),
@@ -396,10 +405,12 @@ def test_setup_checkpoint_and_data_checks(tmp_path):
         setup.check_checkpoint(blocked / 'out')
     assert 'writable --output-dir' in e.value.fix
     (tmp_path / 'docs.jsonl').write_text('{"text": "hello there"}\n{"text": "again"}\n')
-    assert 'first document 11 characters' in setup.check_local_data([str(tmp_path / 'docs.jsonl')])
+    assert 'first document 11 characters' in setup.check_local_data([str(tmp_path / 'docs.jsonl')], tmp_path)
     (tmp_path / 'empty.jsonl').write_text('{"text": ""}\n')
     with pytest.raises(setup.Fail, match='no document'):
-        setup.check_local_data([str(tmp_path / 'empty.jsonl')])
+        setup.check_local_data([str(tmp_path / 'empty.jsonl')], tmp_path)
+    with pytest.raises(ValueError, match='matches no files'):
+        setup.check_local_data([str(tmp_path / 'nothing*.parquet')], tmp_path)
 
 
 @pytest.mark.slow
