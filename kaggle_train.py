@@ -666,6 +666,11 @@ def summarize(plan: Plan, started: float, notes: list[str]) -> dict:
     png = run / 'loss_curve.png'
     if history.is_file() and plot_history(history, png, run.name):
         summary['loss_curve'] = str(png)
+    entropy = summary.get('samples', {}).get('entropy')
+    if entropy is not None and entropy < 1.0:  # real text: about 5.5 nats over 1024 tokens (SPEC §10)
+        notes.append(f'the samples have entropy {entropy:.2f}: an undertrained model predicts the most frequent '
+                     f'tokens, and Greedy-Tail\'s final argmax repeats them; train longer or try '
+                     f'--noise-removal ancestral')
     if (run / 'samples.json').is_file():
         texts = write_samples(run / 'samples.json', run / 'samples.txt')
         summary['samples_txt'] = str(run / 'samples.txt')

@@ -555,7 +555,7 @@ def test_notebook_is_valid_and_runs_the_workflow():
     nb = nbformat.read(ROOT / 'kaggle_notebook.ipynb', as_version=4)
     nbformat.validate(nb)
     code = [c.source for c in nb.cells if c.cell_type == 'code']
-    order = ['git', './install.sh --system', 'test_kaggle_setup.py', '--dry-run', '--stages train',
+    order = ['git', 'install.sh --system', 'test_kaggle_setup.py', '--dry-run', '--stages train',
              '--stages eval', '--stages sample', 'loss_curve.png']
     positions = [next(i for i, src in enumerate(code) if needle in src) for needle in order]
     assert positions == sorted(positions)
