@@ -182,7 +182,10 @@ def build_trainer(config, run_dir: Path, for_training: bool):
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename='step-{step}', auto_insert_metric_name=False,
                                          every_n_train_steps=int(config.checkpointing.every_n_train_steps),
                                          save_top_k=int(config.checkpointing.keep_last), monitor='step',
-                                         mode='max', save_last=True))
+                                         mode='max', save_last=True,
+                                         # last.ckpt is always overwritten: a resume (or main.py's own
+                                         # save when stopped early) must never leave it stale beside last-v1.ckpt
+                                         enable_version_counter=False))
     strategy = config.strategy.name
     if strategy == 'ddp':
         from lightning.pytorch.strategies import DDPStrategy
