@@ -453,28 +453,6 @@ def checkpoint_step(path: Path) -> int | None:
     return int(torch.load(path, map_location='cpu', weights_only=False, mmap=True).get('global_step', 0))
 
 
-def tidy_last_checkpoint(ckpt_dir: Path) -> int | None:
-    """Make checkpoints/last.ckpt the most advanced of last.ckpt and last-v<N>.ckpt; drop the rest.
-
-    After a resume, Lightning's ModelCheckpoint does not overwrite a last.ckpt it did not write
-    itself (main.py writes it when training stops at the time limit) and writes last-v1.ckpt
-    instead, while main.py resumes from last.ckpt. Returns the step of last.ckpt.
-    """
-    candidates = sorted(ckpt_dir.glob('last*.ckpt'))
-    steps = {path: checkpoint_step(path) for path in candidates
-             if path.name == 'last.ckpt' or re.fullmatch(r'last-v\d+\.ckpt', path.name)}
-    if not steps:
-        return None
-    best = max(steps, key=lambda path: (steps[path], path.stat().st_mtime))
-    last = ckpt_dir / 'last.ckpt'
-    if best != last:
-        os.replace(best, last)
-    for path in steps:
-        if path not in (best, last):
-            path.unlink(missing_ok=True)
-    return steps[best]
-
-
 def import_previous(plan: Plan, source: str):
     """Copy a previous session's last.ckpt (and loss history) into the run directory, unless the
     run directory already holds a checkpoint at least as far along."""
@@ -746,7 +724,7 @@ def run(args, overrides) -> int:
         # Training stops itself (trainer.max_time); the timeout is a safety net at the hard limit.
         return run_child([sys.executable, str(ROOT / 'main.py'), *commands[stage]], env, deadline - time.time())
 
-    done = tidy_last_checkpoint(plan.last_ckpt.parent)
+    done = checkpoint_step(plan.last_ckpt)
     if 'train' not in args.stages:
         if done is None:
             raise UsageError(f'no checkpoint at {plan.last_ckpt}: run the train stage first (--stages train), '
@@ -756,7 +734,6 @@ def run(args, overrides) -> int:
     else:
         code = main_py('train')
         merge_history(plan.run_dir)
-        tidy_last_checkpoint(plan.last_ckpt.parent)
         if code != 0:
             print(f'Training failed (exit {code}); fix the error above and re-run the same command to resume',
                   file=sys.stderr)

@@ -24,12 +24,5 @@ args=(mode=train data=openwebtext-split "algo=$ALGO" "model=$MODEL" "model.lengt
       "trainer.max_time=${MAX_TIME:-00:11:00:00}" checkpointing.every_n_train_steps=1000
       checkpointing.keep_last=1 "data.cache_dir='$OUTPUT_DIR/data_cache'" "hydra.run.dir='$RUN_DIR'" "$@")
 PY="${PYTHON:-python}"
-# Until main.py keeps one last.ckpt across resumes (Lightning writes last-v1.ckpt beside a
-# last.ckpt it did not write), make last.ckpt the most advanced one before and after training.
-tidy() { "$PY" -c 'import pathlib, sys, kaggle_train; kaggle_train.tidy_last_checkpoint(pathlib.Path(sys.argv[1]))' "$RUN_DIR/checkpoints"; }
-tidy
 echo "+ OWT_SUBSET_NUM=$OWT_SUBSET_NUM $PY main.py ${args[*]}"
-status=0
-"$PY" main.py "${args[@]}" || status=$?
-tidy
-exit $status
+exec "$PY" main.py "${args[@]}"

@@ -249,16 +249,6 @@ def test_checkpoint_interval_makes_the_last_step_a_checkpoint():
         assert steps % kaggle_train.checkpoint_interval(steps, 1000) == 0
 
 
-def test_tidy_last_checkpoint_keeps_the_most_advanced(tmp_path):
-    for name, step in (('last.ckpt', 70), ('last-v1.ckpt', 77), ('last-v2.ckpt', 75), ('step-77.ckpt', 77)):
-        torch.save({'global_step': step, 'name': name}, tmp_path / name)
-    assert kaggle_train.tidy_last_checkpoint(tmp_path) == 77
-    assert sorted(p.name for p in tmp_path.iterdir()) == ['last.ckpt', 'step-77.ckpt']
-    assert torch.load(tmp_path / 'last.ckpt')['name'] == 'last-v1.ckpt'
-    assert kaggle_train.tidy_last_checkpoint(tmp_path) == 77  # idempotent
-    assert kaggle_train.tidy_last_checkpoint(tmp_path / 'missing') is None
-
-
 def write_csv(path, rows):
     keys = sorted({k for r in rows for k in r})
     with open(path, 'w', newline='') as f:
