@@ -12,7 +12,7 @@ What it does, in order (each main.py command is printed before it runs):
  3. trains with `python main.py mode=train ...`, stopping cleanly (last.ckpt saved) before
     --time-limit; re-running the same command resumes from the last checkpoint;
  4. evaluates the likelihood bound (mode=ppl_eval) and draws samples (mode=sample_eval);
- 5. prints a summary and writes, in the run directory: loss_curve.png, loss_history.csv,
+ 5. prints a summary and writes, in the run directory: loss_curve.png (from logs/metrics.csv),
     samples.txt, summary.json (next to ppl_eval.json, samples.json and checkpoints/).
 
 Outputs go to --output-dir (default /kaggle/working when it exists, else ./outputs), in
@@ -178,18 +178,6 @@ def default_output_dir() -> Path:
     return KAGGLE_WORKING if KAGGLE_WORKING.is_dir() else Path.cwd() / 'outputs'
 
 
-def checkpoint_interval(steps: int | None, every: int) -> int:
-    """Steps between periodic checkpoints. With a fixed --steps, a divisor of it, so that the final
-    step is itself a periodic checkpoint: main.py saves last.ckpt at the end only when training
-    stops early, and Lightning's periodic last.ckpt would otherwise miss the last few steps."""
-    if steps is None:
-        return every
-    if steps <= every:
-        return steps
-    best = max(d for d in hardware.divisors(steps) if d <= every)
-    return best if best * 10 >= every else steps
-
-
 # ---- the plan ------------------------------------------------------------------------------
 @dataclass
 class Plan:
@@ -312,7 +300,7 @@ def main_commands(plan: Plan, args, train_seconds: int) -> dict:
     common = common_overrides(plan, plan.batch.eval_batch_size)
     ckpt = f'eval.checkpoint_path={hydra_value(plan.last_ckpt)}'
     train = ['mode=train', *common, f'trainer.max_time={format_max_time(train_seconds)}',
-             f'checkpointing.every_n_train_steps={checkpoint_interval(plan.steps, args.checkpoint_every)}',
+             f'checkpointing.every_n_train_steps={args.checkpoint_every}',
              'checkpointing.keep_last=1']
     if plan.steps:
         train.append(f'trainer.max_steps={plan.steps}')
@@ -454,7 +442,7 @@ def checkpoint_step(path: Path) -> int | None:
 
 
 def import_previous(plan: Plan, source: str):
-    """Copy a previous session's last.ckpt (and loss history) into the run directory, unless the
+    """Copy a previous session's last.ckpt (and its metrics log) into the run directory, unless the
     run directory already holds a checkpoint at least as far along."""
     src = Path(source).expanduser()
     ckpt = src if src.is_file() else src / 'checkpoints' / 'last.ckpt'
@@ -469,9 +457,10 @@ def import_previous(plan: Plan, source: str):
     from checkpoints import atomic_write
     with open(ckpt, 'rb') as f:
         atomic_write(plan.last_ckpt, lambda out: shutil.copyfileobj(f, out, 16 * 2 ** 20))
-    history = (src if src.is_dir() else ckpt.parent.parent) / 'loss_history.csv'
-    if history.is_file():
-        shutil.copyfile(history, plan.run_dir / 'loss_history.csv')
+    history = (src if src.is_dir() else ckpt.parent.parent) / 'logs' / 'metrics.csv'
+    if history.is_file():  # main.py continues it from the checkpoint's step
+        (plan.run_dir / 'logs').mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(history, plan.run_dir / 'logs' / 'metrics.csv')
     print(f'Resume: copied {ckpt} (step {theirs}) to {plan.last_ckpt}')
 
 
@@ -562,33 +551,6 @@ def apply_probe(plan: Plan, result: dict):
 
 
 # ---- after training ------------------------------------------------------------------------
-def merge_history(run_dir: Path) -> Path | None:
-    """Append this session's logs/metrics.csv to loss_history.csv.
-
-    Lightning's CSVLogger deletes metrics.csv whenever main.py starts again in the same run
-    directory (a resumed training, ppl_eval), so each session's rows are kept here: rows of
-    earlier sessions from the steps before this session's first logged step, then this session's.
-    """
-    metrics, history = run_dir / 'logs' / 'metrics.csv', run_dir / 'loss_history.csv'
-    if not metrics.is_file():
-        return history if history.is_file() else None
-    new = read_csv(metrics)
-    if not new:
-        return history if history.is_file() else None
-    first = min(float(r['step']) for r in new if r.get('step') not in (None, ''))
-    old = [r for r in read_csv(history) if float(r['step']) < first] if history.is_file() else []
-    rows = old + new
-    keys = sorted({k for r in rows for k in r}, key=lambda k: (k != 'step', k))
-    from checkpoints import atomic_write
-
-    def write(f):
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
-    atomic_write(history, write, mode='w')
-    return history
-
-
 def read_csv(path: Path) -> list[dict]:
     with open(path, newline='') as f:
         return [r for r in csv.DictReader(f) if r.get('step') not in (None, '')]
@@ -640,7 +602,7 @@ def summarize(plan: Plan, started: float, notes: list[str]) -> dict:
         if path.is_file():
             result = json.loads(path.read_text())
             summary[key] = {k: v for k, v in result.items() if k != 'generated_seqs'}
-    history = run / 'loss_history.csv'  # merged after each training session (ppl_eval rewrites metrics.csv)
+    history = run / 'logs' / 'metrics.csv'  # main.py continues it across resumed sessions
     png = run / 'loss_curve.png'
     if history.is_file() and plot_history(history, png, run.name):
         summary['loss_curve'] = str(png)
@@ -733,7 +695,6 @@ def run(args, overrides) -> int:
         print(f'\n{plan.last_ckpt} is already at step {done} >= --steps={plan.steps}: skipping training')
     else:
         code = main_py('train')
-        merge_history(plan.run_dir)
         if code != 0:
             print(f'Training failed (exit {code}); fix the error above and re-run the same command to resume',
                   file=sys.stderr)

@@ -164,15 +164,52 @@ def load_finetune(model, path):
     log.info('Initialised the weights from %s', path)
 
 
-def build_trainer(config, run_dir: Path, for_training: bool):
+def run_history_logger(run_dir: Path, resume_step: int):
+    """CSV log of the whole run in <run dir>/logs/metrics.csv, continued across resumes.
+
+    Lightning's CSVLogger deletes an existing metrics.csv; a resumed run keeps the rows of the
+    steps its checkpoint had reached and drops the later ones (they are trained again).
+    """
+    import csv
+    from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+    class ContinuedWriter(ExperimentWriter):
+        def _check_log_dir_exists(self):
+            if not os.path.isfile(self.metrics_file_path):
+                return
+            with open(self.metrics_file_path, newline='') as f:
+                rows = [r for r in csv.DictReader(f) if int(r.get('step') or 0) < resume_step]
+                keys = sorted(set().union(*rows)) if rows else []
+            self.metrics_keys = keys
+            from checkpoints import atomic_write
+            atomic_write(self.metrics_file_path, lambda f: _write_rows(f, keys, rows), mode='w')
+
+    class RunLogger(CSVLogger):
+        @property
+        def experiment(self):
+            if self._experiment is None:
+                self._experiment = ContinuedWriter(log_dir=self.log_dir)
+            return self._experiment
+
+    return RunLogger(run_dir, name='logs', version='')
+
+
+def _write_rows(f, keys, rows):
+    import csv
+    writer = csv.DictWriter(f, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(rows)
+
+
+def build_trainer(config, run_dir: Path, for_training: bool, resume_step: int = 0):
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.loggers import CSVLogger
     from checkpoints import AtomicCheckpointIO
 
     t = config.trainer
-    loggers = [CSVLogger(run_dir, name='logs', version='')]
-    if config.wandb.enabled or config.wandb.get('offline', False):
+    loggers = [run_history_logger(run_dir, resume_step)] if for_training else []
+    if for_training and config.wandb.enabled or config.wandb.get('offline', False):
         from lightning.pytorch.loggers import WandbLogger
         loggers.append(WandbLogger(project=config.wandb.project, name=config.wandb.name, save_dir=str(run_dir),
                                    offline=bool(config.wandb.get('offline', False))))
@@ -203,7 +240,7 @@ def build_trainer(config, run_dir: Path, for_training: bool):
         check_val_every_n_epoch=None if isinstance(val_interval, int) else t.check_val_every_n_epoch,
         limit_train_batches=t.limit_train_batches, limit_val_batches=t.limit_val_batches,
         log_every_n_steps=t.log_every_n_steps, num_sanity_val_steps=t.num_sanity_val_steps if for_training else 0,
-        logger=loggers, callbacks=callbacks, plugins=[AtomicCheckpointIO()], default_root_dir=run_dir,
+        logger=loggers or False, callbacks=callbacks, plugins=[AtomicCheckpointIO()], default_root_dir=run_dir,
         use_distributed_sampler=False, enable_checkpointing=for_training, enable_model_summary=for_training)
 
 
@@ -224,17 +261,19 @@ def train(config, run_dir: Path):
     model = build_model(config, tokenizer)
     last = Path(config.checkpointing.save_dir) / 'checkpoints' / 'last.ckpt'
     ckpt_path = str(last) if config.checkpointing.resume and last.exists() else None
+    resume_step = 0
     if ckpt_path:
         import checkpoints
+        resume_step, micro_step = checkpoints.read_progress(ckpt_path)
         # Continue the data stream after the batches the checkpoint has already trained on.
-        train_loader.batch_sampler.start = checkpoints.read_micro_step(ckpt_path)
-        log.info('Resuming from %s (after %d batches)', ckpt_path, train_loader.batch_sampler.start)
+        train_loader.batch_sampler.start = micro_step
+        log.info('Resuming from %s (step %d, after %d batches)', ckpt_path, resume_step, micro_step)
     elif config.training.finetune_path:
         load_finetune(model, config.training.finetune_path)
-    trainer = build_trainer(config, run_dir, for_training=True)
+    trainer = build_trainer(config, run_dir, for_training=True, resume_step=resume_step)
     trainer.fit(model, train_loader, valid_loader, ckpt_path=ckpt_path)
-    if trainer.global_step < int(config.trainer.max_steps):  # stopped early (max_time, interrupt): keep the state
-        trainer.save_checkpoint(last)
+    trainer.save_checkpoint(last)  # the final state: ModelCheckpoint saves only every_n_train_steps
+    if trainer.global_step < int(config.trainer.max_steps):  # stopped early (trainer.max_time)
         log.info('Stopped at step %d; saved %s (run the same command again to resume)', trainer.global_step, last)
 
 

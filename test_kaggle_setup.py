@@ -405,7 +405,7 @@ def check_checkpoint(output_dir: Path):
         fresh.load_state_dict(weights)
         same = all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
         same_ema = all(torch.equal(a, b) for a, b in zip(ema_back['shadow_params'], ema['shadow_params']))
-        if not (same and same_ema and checkpoints.read_micro_step(path) == 21):
+        if not (same and same_ema and checkpoints.read_progress(path)[1] == 21):
             raise Fail(f'{path} reloaded with different weights', f'check the disk of {output_dir}')
         size = path.stat().st_size
     except OSError as e:

@@ -239,16 +239,6 @@ def test_hydra_values_parse_back_to_the_same_string(value):
     assert list(listed.data.data_files) == [value, 'b.txt']
 
 
-def test_checkpoint_interval_makes_the_last_step_a_checkpoint():
-    assert kaggle_train.checkpoint_interval(None, 1000) == 1000
-    assert kaggle_train.checkpoint_interval(200, 1000) == 200
-    assert kaggle_train.checkpoint_interval(5000, 1000) == 1000
-    assert kaggle_train.checkpoint_interval(4500, 1000) == 900
-    assert kaggle_train.checkpoint_interval(10007, 1000) == 10007  # prime: only the end
-    for steps in (1200, 3001, 77777):
-        assert steps % kaggle_train.checkpoint_interval(steps, 1000) == 0
-
-
 def write_csv(path, rows):
     keys = sorted({k for r in rows for k in r})
     with open(path, 'w', newline='') as f:
@@ -257,17 +247,9 @@ def write_csv(path, rows):
         writer.writerows(rows)
 
 
-def test_loss_history_survives_resumes_and_evaluation(tmp_path):
-    logs = tmp_path / 'logs'
-    logs.mkdir()
-    write_csv(logs / 'metrics.csv', [{'step': s, 'train/loss': 10 - s / 10} for s in (9, 19, 29)])
-    kaggle_train.merge_history(tmp_path)
-    # The resumed session restarts from its checkpoint at step 20: its rows replace 29 onwards.
-    write_csv(logs / 'metrics.csv', [{'step': s, 'train/loss': 5.0} for s in (29, 39)] + [{'step': 39, 'val/nll': 4.5}])
-    history = kaggle_train.merge_history(tmp_path)
-    rows = kaggle_train.read_csv(history)
-    assert [(r['step'], r['train/loss']) for r in rows] == [('9', '9.1'), ('19', '8.1'), ('29', '5.0'),
-                                                           ('39', '5.0'), ('39', '')]
+def test_loss_curve_is_plotted_from_the_metrics_log(tmp_path):
+    history = tmp_path / 'metrics.csv'
+    write_csv(history, [{'step': s, 'train/loss': 10 - s / 10} for s in (9, 19, 29)] + [{'step': 29, 'val/nll': 4.5}])
     png = tmp_path / 'curve.png'
     assert kaggle_train.plot_history(history, png, 'run')
     assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
@@ -474,7 +456,7 @@ def test_kaggle_train_end_to_end_with_a_resume(tmp_path):
     assert len(samples['generated_seqs']) == 3 and samples['steps'] == 8
     assert (run / 'samples.txt').read_text().count('=== sample') == 3
     assert (run / 'loss_curve.png').read_bytes()[:4] == b'\x89PNG'
-    steps = [float(r['step']) for r in kaggle_train.read_csv(run / 'loss_history.csv') if r.get('train/loss')]
+    steps = [float(r['step']) for r in kaggle_train.read_csv(run / 'logs' / 'metrics.csv') if r.get('train/loss')]
     assert min(steps) < step <= max(steps)  # both sessions are in the curve
     summary = json.loads((run / 'summary.json').read_text())
     assert summary['steps_trained'] == step + 6 and summary['ppl_eval']['nll'] == ppl['nll']
