@@ -20,8 +20,10 @@ from tqdm.auto import tqdm
 KINDS = ('uniform', 'absorbing')
 NOISE_REMOVAL = ('ancestral', 'greedy', 'none')
 T_MIN = 1e-5
-# Rows x K elements of one chunk of temporaries (Gumbel noise, sorted probabilities): 128 MB in float64.
-CHUNK_ELEMENTS = 1 << 24
+# Elements (rows x K) of one chunk of temporaries (Gumbel noise, exponentials, sorted probabilities):
+# small enough to bound memory and, on CPU, to stay cheap to allocate; large on GPUs, where every
+# chunk costs kernel launches.
+CHUNK_ELEMENTS = {'cpu': 1 << 22, 'cuda': 1 << 26}
 
 
 # ---------------------------------------------------------------------------- argument checks
@@ -50,9 +52,10 @@ def time_grid(steps: int, t_min: float = T_MIN, device=None) -> torch.Tensor:
     return torch.linspace(1.0, t_min, steps + 1, dtype=torch.float64, device=device)
 
 
-def _row_chunks(n_rows: int, width: int):
-    rows = max(1, CHUNK_ELEMENTS // max(width, 1))
-    return ((start, min(start + rows, n_rows)) for start in range(0, n_rows, rows))
+def _row_chunks(n_rows: int, width: int, device) -> list[tuple[int, int]]:
+    elements = CHUNK_ELEMENTS.get(torch.device(device).type, CHUNK_ELEMENTS['cpu'])
+    rows = max(1, elements // max(width, 1))
+    return [(start, min(start + rows, n_rows)) for start in range(0, n_rows, rows)]
 
 
 def gumbel_argmax(logits: torch.Tensor, generator=None, use_float64: bool = True) -> torch.Tensor:
@@ -64,7 +67,7 @@ def gumbel_argmax(logits: torch.Tensor, generator=None, use_float64: bool = True
     dtype = torch.float64 if use_float64 else torch.float32
     info = torch.finfo(dtype)
     out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
-    for start, end in _row_chunks(logits.shape[0], logits.shape[1]):
+    for start, end in _row_chunks(logits.shape[0], logits.shape[1], logits.device):
         noise = torch.empty((end - start, logits.shape[1]), dtype=dtype, device=logits.device)
         noise.uniform_(generator=generator).clamp_(info.tiny, 1 - info.eps).log_().neg_().log_().neg_()
         out[start:end] = noise.add_(logits[start:end]).argmax(-1)
@@ -87,7 +90,7 @@ def nucleus_filter_(logits: torch.Tensor, p_nucleus: float) -> torch.Tensor:
     check_p_nucleus(p_nucleus)
     if p_nucleus == 1:
         return logits
-    for start, end in _row_chunks(logits.shape[0], logits.shape[1]):
+    for start, end in _row_chunks(logits.shape[0], logits.shape[1], logits.device):
         chunk = logits[start:end]
         probs = chunk.float().softmax(-1)
         ranked = probs.sort(dim=-1, descending=True).values
@@ -99,10 +102,18 @@ def nucleus_filter_(logits: torch.Tensor, p_nucleus: float) -> torch.Tensor:
 
 
 def _row_logsumexp(logits: torch.Tensor) -> torch.Tensor:
-    """logits (N, K) any float dtype -> (N,) float64 log-normaliser, computed in float32 chunks."""
-    out = torch.empty(logits.shape[0], dtype=torch.float64, device=logits.device)
-    for start, end in _row_chunks(logits.shape[0], logits.shape[1]):
-        out[start:end] = torch.logsumexp(logits[start:end].float(), dim=-1)
+    """logits (N, K) any float dtype -> (N,) float64 log-normaliser, in (at least) float32 chunks
+    that reuse one buffer for the exponentials."""
+    N, K = logits.shape
+    out = torch.empty(N, dtype=torch.float64, device=logits.device)
+    chunks = _row_chunks(N, K, logits.device)
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    buffer = torch.empty((chunks[0][1] if chunks else 0, K), dtype=dtype, device=logits.device)
+    for start, end in chunks:
+        chunk, exps = logits[start:end], buffer[:end - start]
+        peak = chunk.amax(-1, keepdim=True).to(dtype).clamp_(min=torch.finfo(dtype).min)  # finite for all -inf rows
+        torch.sub(chunk, peak, out=exps).exp_()
+        out[start:end] = exps.sum(-1).log_().add_(peak.squeeze(-1))
     return out
 
 

@@ -162,7 +162,8 @@ def test_single_token_is_exact_for_any_number_of_steps(kind, steps):
 
 @pytest.mark.parametrize('kind', ['uniform', 'absorbing'])
 def test_joint_distribution_is_recovered_with_many_steps(kind):
-    counts, probs = run(kind, 2, 200, 20_000)
+    # the per-token steps are exact; drawing tokens independently within a step costs TV ~ 0.37 / steps
+    counts, probs = run(kind, 2, 100 if kind == 'uniform' else 200, 20_000)
     assert 0.5 * (counts / counts.sum() - probs).abs().sum() < 0.02
     assert chi_square_pvalue(counts, probs) > 1e-3
 
@@ -317,11 +318,15 @@ def test_gumbel_argmax_draws_the_softmax(use_float64):
     assert chi_square_pvalue(counts, logits.double().softmax(0)) > 1e-3
 
 
-def test_gumbel_argmax_chunks_rows(monkeypatch):
-    monkeypatch.setattr(samplers, 'CHUNK_ELEMENTS', 10)
+def test_row_chunks(monkeypatch):
+    monkeypatch.setattr(samplers, 'CHUNK_ELEMENTS', {'cpu': 10})
     logits = torch.full((7, 5), float('-inf'))
     logits[torch.arange(7), torch.arange(7) % 5] = 0.0
     assert torch.equal(samplers.gumbel_argmax(logits), torch.arange(7) % 5)
+    for dtype in (torch.bfloat16, torch.float32, torch.float64):
+        x = (torch.randn(7, 5) * 30).to(dtype)
+        x[3, 1:] = float('-inf')
+        assert torch.allclose(samplers._row_logsumexp(x), torch.logsumexp(x.double(), -1), rtol=1e-6)
 
 
 def test_generator_makes_sampling_reproducible():
