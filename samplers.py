@@ -6,7 +6,7 @@ K classes, N = number of rows (tokens) being drawn. The denoiser is passed as a 
 returns LOGITS, so that the samplers only touch the (rows, K) slices they need:
 
 - uniform-state step: per token, a three-component mixture with scalar weights (draw from x̂, keep
-  z_t, draw a uniform id). Only x̂_{z_t} (one logsumexp per row) is needed for every token; a
+  z_t, draw a uniform id). Only x̂_{z_t} (one log-softmax per row) is needed for every token; a
   draw from x̂ is needed only for the tokens that pick that component.
 - absorbing step: which masked tokens unmask does not depend on x̂, so it is decided first, and
   the network runs only on the sequences that have a token to fill (`cache=True`).
@@ -15,12 +15,13 @@ Categorical draws are Gumbel-max over the logits with noise drawn in float64 by 
 precision noise truncates the Gumbel tail and lowers sample entropy), in row chunks of bounded size.
 """
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 KINDS = ('uniform', 'absorbing')
 NOISE_REMOVAL = ('ancestral', 'greedy', 'none')
 T_MIN = 1e-5
-# Elements (rows x K) of one chunk of temporaries (Gumbel noise, exponentials, sorted probabilities):
+# Elements (rows x K) of one chunk of temporaries (Gumbel noise, log-softmax, sorted probabilities):
 # small enough to bound memory and, on CPU, to stay cheap to allocate; large on GPUs, where every
 # chunk costs kernel launches.
 CHUNK_ELEMENTS = {'cpu': 1 << 22, 'cuda': 1 << 26}
@@ -101,19 +102,18 @@ def nucleus_filter_(logits: torch.Tensor, p_nucleus: float) -> torch.Tensor:
     return logits
 
 
-def _row_logsumexp(logits: torch.Tensor) -> torch.Tensor:
-    """logits (N, K) any float dtype -> (N,) float64 log-normaliser, in (at least) float32 chunks
-    that reuse one buffer for the exponentials."""
-    N, K = logits.shape
-    out = torch.empty(N, dtype=torch.float64, device=logits.device)
-    chunks = _row_chunks(N, K, logits.device)
-    dtype = torch.promote_types(logits.dtype, torch.float32)
-    buffer = torch.empty((chunks[0][1] if chunks else 0, K), dtype=dtype, device=logits.device)
-    for start, end in chunks:
-        chunk, exps = logits[start:end], buffer[:end - start]
-        peak = chunk.amax(-1, keepdim=True).to(dtype).clamp_(min=torch.finfo(dtype).min)  # finite for all -inf rows
-        torch.sub(chunk, peak, out=exps).exp_()
-        out[start:end] = exps.sum(-1).log_().add_(peak.squeeze(-1))
+def neg_log_prob_at(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """-log softmax(logits)[ids] per row: logits (N, K) any float dtype, ids (N,) -> (N,) float64.
+
+    Cross-entropy in row chunks of at least float32: its fused log-softmax kernel reads each row
+    twice, which is cheaper than a separate max / exp / sum (and it handles -inf logits).
+    """
+    out = torch.empty(logits.shape[0], dtype=torch.float64, device=logits.device)
+    for start, end in _row_chunks(logits.shape[0], logits.shape[1], logits.device):
+        chunk = logits[start:end]
+        if chunk.dtype not in (torch.float32, torch.float64):
+            chunk = chunk.float()
+        out[start:end] = F.cross_entropy(chunk, ids[start:end], reduction='none')
     return out
 
 
@@ -132,7 +132,7 @@ def uniform_step(z: torch.Tensor, logits: torch.Tensor, alpha_t: float, alpha_s:
     flat = logits.reshape(B * L, K)
     nucleus_filter_(flat, p_nucleus)
     ids = z.reshape(-1)
-    x_at_z = torch.exp(flat.gather(1, ids[:, None]).squeeze(1).double() - _row_logsumexp(flat))
+    x_at_z = torch.exp(-neg_log_prob_at(flat, ids))
     alpha_ts = alpha_t / alpha_s
     w_x = alpha_s - alpha_t
     w_keep = K * alpha_t * x_at_z + (alpha_ts - alpha_t)

@@ -309,6 +309,13 @@ def test_top_k():
 
 # ------------------------------------------------------------------------- categorical draws
 
+def test_time_grid():
+    grid = samplers.time_grid(4)
+    assert grid.dtype == torch.float64 and grid.tolist() == pytest.approx([1, 0.7500025, 0.500005, 0.2500075, 1e-5])
+    with pytest.raises(ValueError, match='sampling.steps=2.5 must be an integer'):
+        samplers.time_grid(2.5)
+
+
 @pytest.mark.parametrize('use_float64', [True, False])
 def test_gumbel_argmax_draws_the_softmax(use_float64):
     logits = torch.tensor([0.5, -1.0, float('-inf'), 2.0, 0.0])
@@ -323,10 +330,14 @@ def test_row_chunks(monkeypatch):
     logits = torch.full((7, 5), float('-inf'))
     logits[torch.arange(7), torch.arange(7) % 5] = 0.0
     assert torch.equal(samplers.gumbel_argmax(logits), torch.arange(7) % 5)
+    ids = torch.tensor([0, 1, 2, 0, 4, 0, 1])
     for dtype in (torch.bfloat16, torch.float32, torch.float64):
         x = (torch.randn(7, 5) * 30).to(dtype)
         x[3, 1:] = float('-inf')
-        assert torch.allclose(samplers._row_logsumexp(x), torch.logsumexp(x.double(), -1), rtol=1e-6)
+        expected = -x.double().log_softmax(-1).gather(1, ids[:, None]).squeeze(1)
+        got = samplers.neg_log_prob_at(x, ids)
+        assert torch.allclose(got[expected < 1e30], expected[expected < 1e30], rtol=1e-5, atol=1e-5)
+        assert torch.equal(got >= 1e30, expected >= 1e30)
 
 
 def test_generator_makes_sampling_reproducible():
