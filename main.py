@@ -295,7 +295,7 @@ def sample_eval(config, run_dir: Path):
     if config.eval.compute_generative_perplexity:
         judge = metrics.GenerativePerplexity(config.eval.gen_ppl_eval_model_name_or_path, device=device,
                                              batch_size=int(config.eval.perplexity_batch_size), tokenizer=tokenizer)
-        result['generative_ppl'] = judge.compute(texts, eos_token=tokenizer.eos_token)
+        result['generative_ppl'] = judge.compute(texts, eos_token=tokenizer.eos_token, token_ids=samples.tolist())
     result['generated_seqs'] = texts
     for text in texts[:3]:
         print('-' * 80 + '\n' + text)

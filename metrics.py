@@ -56,7 +56,8 @@ class GenerativePerplexity:
     tokenizer, or one of our AR models (an algo=ar .ckpt, EMA weights when it has them, or a
     directory written by models.hf_format.save_hf of a causal DiT), which reads the run's
     `tokenizer` and never predicts the extra id (SPEC §1): that id is dropped from the texts, as a
-    GPT-2 decode drops it. Each text is re-tokenized by the judge's tokenizer; the targets (every
+    GPT-2 decode drops it; given the sampled token ids it scores those instead of re-tokenizing the
+    texts. Otherwise each text is re-tokenized by the judge's tokenizer; the targets (every
     token after the first) are counted up to and including the first end-of-text token; texts
     longer than the judge's context are scored in windows of that length overlapping by one token,
     so that every target is predicted exactly once. PPL = exp(total NLL / total counted targets).
@@ -68,7 +69,8 @@ class GenerativePerplexity:
         self.device = torch.device(device or 'cpu')
         self.batch_size = batch_size
         self.excluded_id = None
-        if is_our_checkpoint(str(name_or_path)):
+        self.reads_run_tokenizer = is_our_checkpoint(str(name_or_path))
+        if self.reads_run_tokenizer:
             self._load_ours(str(name_or_path), tokenizer)
         else:
             self._load_hf(str(name_or_path))
@@ -145,19 +147,28 @@ class GenerativePerplexity:
 
     def windows(self, text: str) -> list[list[int]]:
         """The judge's token windows of one text, cut after the first end-of-text target."""
-        ids = self._encode(text)
+        return self._windows(self._encode(text))
+
+    def _windows(self, ids: list[int]) -> list[list[int]]:
         if self.eos_id in ids[1:]:
             ids = ids[:ids.index(self.eos_id, 1) + 1]
         stride = self.context - 1
         return [ids[start:start + self.context] for start in range(0, len(ids) - 1, stride)]
 
     @torch.no_grad()
-    def score(self, texts: list[str], eos_token: str | None = None) -> tuple[float, int]:
+    def score(self, texts: list[str], eos_token: str | None = None,
+              token_ids: list[list[int]] | None = None) -> tuple[float, int]:
         """(total NLL in nats, number of counted targets) of texts; eos_token = the sampler's
-        end-of-text string, replaced by the judge's when the two differ."""
-        if eos_token and eos_token != self.tokenizer.eos_token:
-            texts = [text.replace(eos_token, self.tokenizer.eos_token) for text in texts]
-        windows = [w for text in texts for w in self.windows(text)]
+        end-of-text string, replaced by the judge's when the two differ. token_ids: the sampled ids
+        of the texts, which a judge reading the run's tokenizer scores as they are (re-tokenizing a
+        decode need not give them back: text8's tokenizer merges runs of spaces)."""
+        if token_ids is not None and self.reads_run_tokenizer:
+            id_lists = [[t for t in ids if t != self.excluded_id] for ids in token_ids]
+        else:
+            if eos_token and eos_token != self.tokenizer.eos_token:
+                texts = [text.replace(eos_token, self.tokenizer.eos_token) for text in texts]
+            id_lists = [self._encode(text) for text in texts]
+        windows = [w for ids in id_lists for w in self._windows(ids)]
         windows.sort(key=len)  # batches of similar lengths pad little
         total, count = 0.0, 0
         for start in range(0, len(windows), self.batch_size):
@@ -182,9 +193,10 @@ class GenerativePerplexity:
                 count += n - 1
         return total, count
 
-    def compute(self, texts: list[str], eos_token: str | None = None) -> float:
-        """Generative perplexity exp(total NLL / counted targets) of texts."""
-        total, count = self.score(texts, eos_token)
+    def compute(self, texts: list[str], eos_token: str | None = None,
+                token_ids: list[list[int]] | None = None) -> float:
+        """Generative perplexity exp(total NLL / counted targets) of texts (see score)."""
+        total, count = self.score(texts, eos_token, token_ids)
         if count == 0:
             raise ValueError('no text has a token to score after re-tokenization: the samples are empty')
         return math.exp(total / count)

@@ -172,6 +172,14 @@ def test_our_ar_checkpoint_as_judge_matches_a_per_text_loop(tmp_path):
             assert got_count == count
             assert got_total == pytest.approx(total, rel=1e-5)
             assert judge.compute(texts) == pytest.approx(math.exp(total / count), rel=1e-5)
+            # the sampled ids themselves, exactly (a decode + text8 re-tokenization merges runs of spaces)
+            spaced = id_lists + [[2, 34, 34, 34, 10, 34, 34, 11, 3]]
+            with torch.no_grad():
+                extra = _reference_our_nll(ema_model, spaced[-1], 12)
+            assert extra[1] == 8 and judge.score(tokenizer.batch_decode(spaced[-1:]))[1] == 5
+            got_total, got_count = judge.score(tokenizer.batch_decode(spaced), token_ids=spaced)
+            assert got_count == count + 8
+            assert got_total == pytest.approx(total + extra[0], rel=1e-5)
 
 
 def test_our_judge_needs_an_ar_model_and_the_run_tokenizer(tmp_path):
@@ -198,3 +206,5 @@ def test_hugging_face_judge_still_used_for_its_own_directories(judge_dir):
     assert not metrics.is_our_checkpoint(str(judge_dir))
     judge = metrics.GenerativePerplexity(str(judge_dir), tokenizer=object())  # the run's tokenizer is not used
     assert judge.excluded_id is None and judge.context == CONTEXT
+    # its own tokenizer re-tokenizes the texts: the run's token ids are not its ids
+    assert judge.score(TEXTS, token_ids=[[1, 2, 3]] * len(TEXTS)) == judge.score(TEXTS)
