@@ -20,6 +20,11 @@ import main
 import noise_schedule as ns
 from conftest import ROOT
 
+# In-process fits have no validation loader, and resume mid-epoch from an index-free dataset.
+pytestmark = [pytest.mark.filterwarnings('ignore:You defined a `validation_step` but have no `val_dataloader`'),
+              pytest.mark.filterwarnings('ignore:You.re resuming from a checkpoint that ended before the epoch ended'),
+              pytest.mark.filterwarnings('ignore:.*isinstance\\(treespec, LeafSpec\\)')]
+
 K = 35  # the text8 tokenizer's vocabulary (mask id 4)
 MASK = 4
 TINY = ['model=micro', 'model.length=8', 'model.hidden_size=32', 'model.n_heads=2', 'model.n_blocks=1',
