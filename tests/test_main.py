@@ -6,6 +6,7 @@ it, and AR (which can represent the chain exactly) must come close to it.
 """
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -105,6 +106,19 @@ def test_ar_train_resume_eval_reaches_the_source_entropy(markov_corpus, tmp_path
     # Cross-entropy >= entropy (tolerance: the estimate is on a finite sample), and AR gets close.
     assert exact - 2e-3 <= result['nll'] <= 1.05 * exact, (result['nll'], exact)
 
+    # Its samples follow the chain: every row of the empirical transition matrix is close to P's.
+    run_main('mode=sample_eval', 'sampling.num_sample_batches=4', 'loader.eval_batch_size=32',
+             'eval.compute_generative_perplexity=false', *args)
+    samples = json.loads((tmp_path / 'run' / 'samples.json').read_text())['generated_seqs']
+    assert len(samples) == 128
+    counts = np.zeros_like(TRANSITIONS)
+    for text in samples:
+        states = [ALPHABET.index(c) for c in re.sub(r'\[[A-Z]+\]', '', text)]
+        np.add.at(counts, (states[:-1], states[1:]), 1)
+    assert counts.sum() >= 128 * 25
+    empirical = counts / counts.sum(1, keepdims=True)
+    assert np.abs(empirical - TRANSITIONS).max() < 0.08, empirical.round(2)
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize('algo', ['mdlm', 'duo_base'])
@@ -138,3 +152,20 @@ def test_metrics_log_continues_across_resumes(tmp_path):
         rows = [(r['step'], r['train/loss'], r['val/nll'], r['train/lr']) for r in csv.DictReader(f)]
     assert rows == [('9', '3.0', '', ''), ('19', '2.0', '', ''), ('19', '', '2.5', ''), ('29', '1.5', '', ''),
                     ('39', '', '', '0.1')]
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes(markov_corpus, tmp_path):
+    """strategy=ddp with 2 CPU processes (gloo): each rank trains on its own shard with its own noise,
+    the global batch is kept (2 x 8 x accumulation 2 = 32) and the checkpoint evaluates as usual."""
+    import checkpoints
+    corpus_dir, _ = markov_corpus
+    args = common(corpus_dir, tmp_path / 'run', 'duo_base') + ['loader.batch_size=8', 'loader.eval_batch_size=8']
+    run_main('mode=train', 'strategy=ddp', 'trainer.accelerator=cpu', 'trainer.devices=2', 'trainer.max_steps=6',
+             *args)
+    config = (tmp_path / 'run' / 'config_train.yaml').read_text()
+    assert 'accumulate_grad_batches: 2' in config
+    step, micro_step = checkpoints.read_progress(tmp_path / 'run' / 'checkpoints' / 'last.ckpt')
+    assert (step, micro_step) == (6, 12)  # per rank: 6 optimizer steps of 2 micro-batches
+    run_main('mode=ppl_eval', 'trainer.limit_val_batches=2', *args)
+    assert json.loads((tmp_path / 'run' / 'ppl_eval.json').read_text())['tokens'] == 2 * 8 * LENGTH
