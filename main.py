@@ -206,21 +206,39 @@ def adopt_model_settings(config, hf_config: dict, path: str):
              *(settings[k] for k in ('hidden_size', 'cond_dim', 'n_blocks', 'n_heads')))
 
 
-def load_finetune(model, path):
-    """Start training from the (EMA) weights of a trained checkpoint, e.g. for distillation."""
+def read_finetune(config):
+    """(backbone state_dict, EMA state or None) of training.finetune_path: our .ckpt, or a Hugging
+    Face directory / hub id as released (EMA applied), whose config.json also gives the model sizes
+    (so no model= override is needed)."""
     import checkpoints
-    state_dict, ema_state, _ = checkpoints.load_weights(path)
-    checkpoints.check_compatible(state_dict, model.backbone, f"training.finetune_path={path}")
-    model.backbone.load_state_dict(state_dict)
+    path = str(config.training.finetune_path)
+    if not (Path(path).exists() or checkpoints.is_hf_reference(path)):
+        raise ConfigError(f"training.finetune_path={path} does not exist: pass the trained model to start from "
+                          f"(e.g. training.finetune_path=outputs/owt/duo-small-L1024/checkpoints/last.ckpt)")
+    state_dict, ema_state, meta = checkpoints.load_weights(path, 'training.finetune_path')
+    if 'hf_config' in meta:
+        adopt_model_settings(config, meta['hf_config'], path)
+    return state_dict, ema_state
+
+
+def load_finetune(model, state_dict, ema_state, path):
+    """Start training (not a resume) from trained weights, e.g. to distil a DUO model: the EMA
+    weights of the checkpoint when it has them, else its weights. The backbone and its EMA both
+    begin there; optimizer, step count and data order start afresh."""
+    import checkpoints
+    source = f"training.finetune_path={path}"
+    checkpoints.check_compatible(state_dict, model.backbone, source)
     if ema_state is not None:
-        from ema import EMA
-        EMA(model.backbone.parameters(), 0).load_state_dict(ema_state)  # shape check
-        with torch.no_grad():
-            for p, s in zip(model.backbone.parameters(), ema_state['shadow_params']):
-                p.copy_(s)
+        names = [name for name, _ in model.backbone.named_parameters()]
+        if len(names) != len(ema_state['shadow_params']):
+            raise checkpoints.CheckpointError(f"{source}: its EMA has {len(ema_state['shadow_params'])} tensors for "
+                                              f"{len(names)} parameters: the checkpoint is damaged")
+        state_dict = {**state_dict, **dict(zip(names, ema_state['shadow_params']))}
+        checkpoints.check_compatible(state_dict, model.backbone, f"{source} (its EMA)")
+    model.backbone.load_state_dict(state_dict)
     if model.ema is not None:
         model.ema.shadow_params = [p.detach().clone() for p in model.backbone.parameters()]
-    log.info('Initialised the weights from %s', path)
+    log.info('Initialised the weights from %s (%s weights)', path, 'EMA' if ema_state is not None else 'its')
 
 
 def run_history_logger(run_dir: Path, resume_step: int):
@@ -342,18 +360,24 @@ def train(config, run_dir: Path):
     import dataloader
     from callbacks import GracefulStop
     tokenizer = dataloader.get_tokenizer(config)
-    train_loader, valid_loader = dataloader.get_dataloaders(config, tokenizer)
-    check_training_blocks(config, train_loader.batch_sampler)
-    model = build_model(config, tokenizer)
     last = Path(config.checkpointing.save_dir) / 'checkpoints' / checkpoints.LAST
     ckpt_path = str(last) if config.checkpointing.resume and last.exists() else None
     resume_step = 0
+    finetune = None
+    if not ckpt_path and config.training.finetune_path:  # read first: a released config sets the model sizes
+        finetune = read_finetune(config)
+    elif config.algo.name == 'distillation' and not ckpt_path:
+        log.warning('algo=distillation without training.finetune_path distils an untrained model; '
+                    'pass training.finetune_path=<the trained DUO checkpoint>')
+    train_loader, valid_loader = dataloader.get_dataloaders(config, tokenizer)
+    check_training_blocks(config, train_loader.batch_sampler)
+    model = build_model(config, tokenizer)
     if ckpt_path:
         resume_step, micro_step = check_resumable(last, model)
         # Continue the data stream after the batches the checkpoint has already trained on.
         train_loader.batch_sampler.start = micro_step
-    elif config.training.finetune_path:
-        load_finetune(model, config.training.finetune_path)
+    elif finetune is not None:
+        load_finetune(model, *finetune, str(config.training.finetune_path))
     budget = max_time_seconds(config.trainer.max_time)
     stop = GracefulStop(None if budget is None else STARTED + budget)
     trainer = build_trainer(config, run_dir, for_training=True, resume_step=resume_step, stop=stop)
@@ -443,8 +467,8 @@ def sample_eval(config, run_dir: Path):
               'checkpoint': str(config.eval.checkpoint_path)}
     if config.eval.compute_generative_perplexity:
         judge = metrics.GenerativePerplexity(config.eval.gen_ppl_eval_model_name_or_path, device=device,
-                                             batch_size=int(config.eval.perplexity_batch_size))
-        result['generative_ppl'] = judge.compute(texts, eos_token=tokenizer.eos_token)
+                                             batch_size=int(config.eval.perplexity_batch_size), tokenizer=tokenizer)
+        result['generative_ppl'] = judge.compute(texts, eos_token=tokenizer.eos_token, token_ids=samples.tolist())
     result['generated_seqs'] = texts
     for text in texts[:3]:
         print('-' * 80 + '\n' + text)
