@@ -553,7 +553,7 @@ def fail(message: str, code: int):
     sys.exit(code)
 
 
-@hydra.main(version_base=None, config_path='configs', config_name='config')
+@hydra.main(version_base=None, config_path=str(Path(__file__).resolve().parent / 'configs'), config_name='config')
 def main(config: DictConfig):
     global _RUN_LOG
     run_dir = Path(HydraConfig.get().runtime.output_dir)
