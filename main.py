@@ -369,15 +369,15 @@ def train(config, run_dir: Path):
     elif config.algo.name == 'distillation' and not ckpt_path:
         log.warning('algo=distillation without training.finetune_path distils an untrained model; '
                     'pass training.finetune_path=<the trained DUO checkpoint>')
-    train_loader, valid_loader = dataloader.get_dataloaders(config, tokenizer)
-    check_training_blocks(config, train_loader.batch_sampler)
-    model = build_model(config, tokenizer)
+    model = build_model(config, tokenizer)  # before the data: a bad model or checkpoint is reported at once
     if ckpt_path:
         resume_step, micro_step = check_resumable(last, model)
-        # Continue the data stream after the batches the checkpoint has already trained on.
-        train_loader.batch_sampler.start = micro_step
     elif finetune is not None:
         load_finetune(model, *finetune, str(config.training.finetune_path))
+    train_loader, valid_loader = dataloader.get_dataloaders(config, tokenizer)
+    check_training_blocks(config, train_loader.batch_sampler)
+    if ckpt_path:  # continue the data stream after the batches the checkpoint has already trained on
+        train_loader.batch_sampler.start = micro_step
     budget = max_time_seconds(config.trainer.max_time)
     stop = GracefulStop(None if budget is None else STARTED + budget)
     trainer = build_trainer(config, run_dir, for_training=True, resume_step=resume_step, stop=stop)
@@ -492,7 +492,7 @@ def quiet_libraries():
 class RunLog:
     """Keeps this command's lines of <run dir>/main.log (Hydra's log file) in memory until its inputs
     are validated (begin_run), so that a command that fails on bad input modifies no file of an
-    existing run; a run directory that the failing command itself created is removed again."""
+    existing run; the empty main.log and the run directory that Hydra created for it are removed."""
 
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
@@ -501,7 +501,10 @@ class RunLog:
         self.handlers = [h for h in root.handlers if isinstance(h, logging.FileHandler)
                          and Path(h.baseFilename).resolve() == self.path]
         entries = list(run_dir.iterdir()) if run_dir.is_dir() else []
-        self.created_now = [e.name for e in entries] == ['main.log'] and self.path.stat().st_size == 0
+        # Hydra has just opened main.log: an empty one is (almost surely) its creation, a directory
+        # holding only that file a new run directory.
+        self.new_log = self.path.is_file() and self.path.stat().st_size == 0
+        self.new_dir = self.new_log and [e.name for e in entries] == ['main.log']
         self.buffer = logging.handlers.MemoryHandler(capacity=2 ** 31, flushLevel=logging.CRITICAL + 1,
                                                      flushOnClose=False)
         for handler in self.handlers:
@@ -528,12 +531,13 @@ class RunLog:
         logging.getLogger().removeHandler(self.buffer)
         for handler in self.handlers:
             handler.close()
-        if self.created_now and self.path.is_file() and self.path.stat().st_size == 0:
+        if self.new_log and self.path.is_file() and self.path.stat().st_size == 0:
             self.path.unlink()
-            try:
-                self.run_dir.rmdir()
-            except OSError:
-                pass
+            if self.new_dir:
+                try:
+                    self.run_dir.rmdir()
+                except OSError:
+                    pass
 
 
 _RUN_LOG: RunLog | None = None

@@ -227,3 +227,309 @@ def test_sigterm_and_sigint_save_last_ckpt_before_exiting(runner, corpus, tmp_pa
     stopped = int(text.split('Stopped at step ')[1].split()[0])
     assert stopped >= 2
     assert checkpoints.read_progress(run_dir / 'checkpoints' / 'last.ckpt')[0] == stopped
+
+
+# ---- bad input: one line, exit code 2, no file of an existing run modified --------------------
+K_TEXT8 = 35  # the text8 tokenizer's vocabulary
+
+
+def tiny_backbone(vocab_size=K_TEXT8, hidden_size=32, length=32, causal=False):
+    from models.dit import DiT
+    return DiT(vocab_size, hidden_size, 16, 1, 2, length, causal=causal)
+
+
+def save_lightning_like(backbone, path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({'state_dict': {checkpoints.PREFIX + k: v for k, v in backbone.state_dict().items()},
+                'global_step': 3, 'micro_step': 3}, path)
+    return path
+
+
+@pytest.fixture(scope='module')
+def bad_inputs(tmp_path_factory, corpus):
+    """Files for the bad-input cases: an existing run (whose files must stay untouched),
+    checkpoints good, corrupt, truncated, of another size and vocabulary, a Hugging Face
+    directory of 12 positions, empty and tiny corpora."""
+    from models import hf_format
+    d = tmp_path_factory.mktemp('bad')
+    run = d / 'run'
+    (run / 'checkpoints').mkdir(parents=True)
+    (run / 'main.log').write_text('an earlier run\n')
+    (run / 'config_train.yaml').write_text('mode: train\n')
+    save_lightning_like(tiny_backbone(), run / 'checkpoints' / 'last.ckpt')
+    save_lightning_like(tiny_backbone(), d / 'good.ckpt')
+    save_lightning_like(tiny_backbone(hidden_size=64), d / 'wide.ckpt')
+    save_lightning_like(tiny_backbone(vocab_size=50), d / 'vocab50.ckpt')
+    (d / 'garbage.ckpt').write_bytes(b'this is not a checkpoint')
+    data = (d / 'good.ckpt').read_bytes()
+    (d / 'truncated.ckpt').write_bytes(data[:len(data) // 2])
+    corrupt_run = d / 'corrupt_run' / 'checkpoints'
+    corrupt_run.mkdir(parents=True)
+    (corrupt_run / 'last.ckpt').write_bytes(data[:len(data) // 3])
+    save_lightning_like(tiny_backbone(), corrupt_run / 'step-2.ckpt')
+    save_lightning_like(tiny_backbone(hidden_size=64), d / 'other_run' / 'checkpoints' / 'last.ckpt')
+    hf_format.save_hf(tiny_backbone(length=12), d / 'hf12')
+    (d / 'empty.txt').write_text('')
+    (d / 'tiny.txt').write_text('ab cd\n')
+    return d
+
+
+def data_overrides(corpus_dir, train=None):
+    args = data_args(corpus_dir)
+    return args if train is None else [f'data.train_files={train}' if a.startswith('data.train_files') else a
+                                       for a in args]
+
+
+def bad_input_cases(d: Path, corpus_dir: Path):
+    """(name, overrides, environment) of every bad input the issue lists, and more."""
+    run = [f'hydra.run.dir={d}/run']  # an existing run, resumed by mode=train
+    fresh = [f'hydra.run.dir={d}/new_run']
+    tiny = [*TINY]
+    sample = ['mode=sample_eval', *data_overrides(corpus_dir), *tiny, 'eval.compute_generative_perplexity=false',
+              'sampling.steps=4', *run]
+    train = ['mode=train', *data_overrides(corpus_dir), *tiny, 'loader.global_batch_size=8', *run]
+    return [
+        ('unknown algo', ['algo=mdml', *run], {}),
+        ('unknown data', ['data=owt', *run], {}),
+        ('unknown model', ['model=huge', *run], {}),
+        ('misspelt setting', ['trainer.max_step=10', *run], {}),
+        ('unknown mode', ['mode=eval', *run], {}),
+        ('OWT_SUBSET_NUM not a number', ['data=openwebtext-split', *tiny, *fresh], {'OWT_SUBSET_NUM': 'ten'}),
+        ('OWT_SUBSET_NUM too small', ['data=openwebtext-split', *tiny, *fresh], {'OWT_SUBSET_NUM': '1'}),
+        ('model.length too short', ['model.length=2', *run], {}),
+        ('model.length beyond the checkpoint', [*sample, f'eval.checkpoint_path={d}/hf12'], {}),
+        ('batch does not divide the global batch', ['loader.global_batch_size=10', 'loader.batch_size=4', *run], {}),
+        ('batch size zero', ['loader.batch_size=0', *run], {}),
+        ('global batch not a number', ['loader.global_batch_size=lots', *run], {}),
+        ('missing checkpoint', [*sample, f'eval.checkpoint_path={d}/nowhere.ckpt'], {}),
+        ('corrupt checkpoint', [*sample, f'eval.checkpoint_path={d}/garbage.ckpt'], {}),
+        ('truncated checkpoint', [*sample, f'eval.checkpoint_path={d}/truncated.ckpt'], {}),
+        ('checkpoint of another size', [*sample, f'eval.checkpoint_path={d}/wide.ckpt'], {}),
+        ('checkpoint of another vocabulary', [*sample, f'eval.checkpoint_path={d}/vocab50.ckpt'], {}),
+        ('corrupt last.ckpt on resume', [*train, f'hydra.run.dir={d}/corrupt_run'], {}),
+        ('last.ckpt of another size on resume', [*train, f'hydra.run.dir={d}/other_run'], {}),
+        ('sampling.steps < 1', ['sampling.steps=0', *run], {}),
+        ('p_nucleus = 0', ['sampling.p_nucleus=0', *run], {}),
+        ('p_nucleus > 1', ['sampling.p_nucleus=1.5', *run], {}),
+        ('unknown precision', ['trainer.precision=64', *run], {}),
+        ('GPU asked on a machine without one', ['trainer.accelerator=gpu', *run], {}),
+        ('FlashAttention forced on the CPU', [*sample, f'eval.checkpoint_path={d}/good.ckpt',
+                                             'model.attn_backend=flash'], {}),
+        ('local data files missing', [*data_overrides(corpus_dir, f'{d}/missing/*.txt'), *tiny, *run], {}),
+        ('local data file empty', [*data_overrides(corpus_dir, f'{d}/empty.txt'), *tiny, *run], {}),
+        ('corpus too small for one block', [*data_overrides(corpus_dir, f'{d}/tiny.txt'), *tiny, *run], {}),
+        ('training split smaller than one batch', [*train[:-1], 'loader.global_batch_size=4096', *run], {}),
+        ('training steps < 1', ['trainer.max_steps=0', *run], {}),
+        ('keep_last < 0', ['checkpointing.keep_last=-1', *run], {}),
+        ('max_time malformed', ['trainer.max_time=12h', *run], {}),
+    ]
+
+
+# The exact message of each case ({d}: the fixture's directory); docs/ERRORS.md lists them.
+MESSAGES = {
+    'unknown algo': 'algo=mdml is unknown: use one of ar, distillation, duo, duo_base, mdlm (e.g. algo=duo_base)',
+    'unknown data': 'data=owt is unknown: use one of ag_news, fineweb-edu, lambada, lm1b, lm1b-wrap, local, openwebtext, '
+                    'openwebtext-split, openwebtext-streaming, ptb, scientific_papers_arxiv, scientific_papers_pubmed, '
+                    'stdlib, text8, text8-crop, wikitext103, wikitext2 (e.g. data=openwebtext-split)',
+    'unknown model': 'model=huge is unknown: use one of medium, micro, small, tiny (e.g. model=small)',
+    'misspelt setting': 'trainer.max_step is not a setting (misspelt?): see configs/config.yaml for the settings '
+                        '(e.g. model.length=128); to add a new key write +trainer.max_step=...',
+    'unknown mode': 'mode=eval is unknown: use one of train, ppl_eval, sample_eval (e.g. mode=train)',
+    'OWT_SUBSET_NUM not a number': 'OWT_SUBSET_NUM=ten must be an integer >= 2: the number of documents to read, '
+                                   'floor(0.9 N) for training and the rest (at least one) for validation, '
+                                   'e.g. OWT_SUBSET_NUM=11000',
+    'OWT_SUBSET_NUM too small': 'OWT_SUBSET_NUM=1 must be an integer >= 2: the number of documents to read, '
+                                'floor(0.9 N) for training and the rest (at least one) for validation, '
+                                'e.g. OWT_SUBSET_NUM=11000',
+    'model.length too short': 'model.length=2 is too short: use at least 4 (e.g. model.length=128)',
+    'model.length beyond the checkpoint': 'model.length=32 exceeds the 12 positions of {d}/hf12: use model.length=12 '
+                                          'or less',
+    'batch does not divide the global batch': 'loader.global_batch_size=10 is not divisible by loader.batch_size x '
+                                              'devices x nodes = 4: use e.g. loader.global_batch_size=8',
+    'batch size zero': 'loader.batch_size=0 must be >= 1 (e.g. loader.batch_size=8)',
+    'global batch not a number': 'loader.global_batch_size=lots must be an integer (e.g. loader.global_batch_size=512)',
+    'missing checkpoint': 'eval.checkpoint_path={d}/nowhere.ckpt does not exist: train first (mode=train) or pass '
+                          'eval.checkpoint_path=<a .ckpt file, a Hugging Face directory or hub id>',
+    'corrupt checkpoint': 'checkpoint {d}/garbage.ckpt cannot be read (UnpicklingError: could not find MARK); it is '
+                          'truncated or not a Lightning checkpoint: use another file, e.g. checkpoints/last.ckpt',
+    'truncated checkpoint': 'checkpoint {d}/truncated.ckpt cannot be read (OSError: [Errno 22] Invalid argument); it '
+                            'is truncated or not a Lightning checkpoint: use another file, e.g. checkpoints/last.ckpt',
+    'checkpoint of another size': 'checkpoint {d}/wide.ckpt has hidden size 64 but model.hidden_size=32: pick the '
+                                  'model config it was trained with (e.g. model=small for 768)',
+    'checkpoint of another vocabulary': 'checkpoint {d}/vocab50.ckpt has a vocabulary of 50 ids but this '
+                                        'data/tokenizer gives 35: use the tokenizer it was trained with '
+                                        '(data.tokenizer_name_or_path)',
+    'corrupt last.ckpt on resume': '{d}/corrupt_run/checkpoints/last.ckpt cannot be read (OSError: [Errno 22] Invalid '
+                                   'argument): copy the newest periodic checkpoint over it (cp '
+                                   '{d}/corrupt_run/checkpoints/step-2.ckpt {d}/corrupt_run/checkpoints/last.ckpt), '
+                                   'or start a new run elsewhere (hydra.run.dir=...)',
+    'last.ckpt of another size on resume': 'the run to resume ({d}/other_run/checkpoints/last.ckpt) has hidden size 64 '
+                                           'but model.hidden_size=32: pick the model config it was trained with '
+                                           '(e.g. model=small for 768)',
+    'sampling.steps < 1': 'sampling.steps=0 must be >= 1 (e.g. sampling.steps=128)',
+    'p_nucleus = 0': 'sampling.p_nucleus=0 must be in (0, 1] (e.g. sampling.p_nucleus=0.9)',
+    'p_nucleus > 1': 'sampling.p_nucleus=1.5 must be in (0, 1] (e.g. sampling.p_nucleus=0.9)',
+    'unknown precision': 'trainer.precision=64 is not supported: use one of 16, bf16, 32 or auto '
+                         '(e.g. trainer.precision=bf16)',
+    'GPU asked on a machine without one': 'trainer.accelerator=gpu but no CUDA GPU is visible: use '
+                                          'trainer.accelerator=cpu',
+    'FlashAttention forced on the CPU': 'model.attn_backend=flash needs FlashAttention (flash_attn) on a CUDA GPU '
+                                        'with compute capability >= 8.0, which this machine lacks; use '
+                                        'model.attn_backend=sdpa',
+    'local data files missing': 'data.train_files={d}/missing/*.txt matches no files; give a path, directory or glob '
+                                'of .parquet, .jsonl or .txt files, e.g. data.train_files=/kaggle/input/owt/*.parquet',
+    'local data file empty': 'the train split of data=local has no documents (data.train_files holds no text): give '
+                             'files with text (e.g. data.train_files=corpus/*.txt)',
+    'corpus too small for one block': 'the train split of data=local has 1 documents and 5 tokens, too few for one '
+                                      'block of model.length=32: add documents or lower model.length '
+                                      '(e.g. model.length=4)',
+    'training split smaller than one batch': 'the training split of data=local has 400 blocks of model.length=32, '
+                                             'fewer than loader.batch_size=4096 x 1 devices: add documents or lower '
+                                             'loader.batch_size (e.g. loader.batch_size=400)',
+    'training steps < 1': 'trainer.max_steps=0 must be >= 1 (e.g. trainer.max_steps=100000)',
+    'keep_last < 0': 'checkpointing.keep_last=-1 must be >= 0 (e.g. checkpointing.keep_last=3)',
+    'max_time malformed': 'trainer.max_time=12h is not DD:HH:MM:SS (e.g. trainer.max_time=00:11:30:00)',
+}
+
+
+def snapshot(directory: Path) -> dict:
+    """Content and modification time of every file under `directory` except the data caches."""
+    return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(directory.rglob('*'))
+            if p.is_file() and 'cache' not in p.parts}
+
+
+def run_cli(argv, capsys) -> tuple[int, str]:
+    """main.py in this process: (exit code, stderr)."""
+    capsys.readouterr()
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(sys, 'argv', ['main.py', *map(str, argv)])
+            main.cli()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def test_every_bad_input_case_has_its_message(bad_inputs, corpus):
+    assert [name for name, _, _ in bad_input_cases(bad_inputs, corpus)] == list(MESSAGES)
+
+
+@pytest.mark.parametrize('name', list(MESSAGES))
+def test_bad_input_gives_one_line_exit_2_and_touches_no_file(bad_inputs, corpus, capsys, monkeypatch, name):
+    _, argv, env = next(c for c in bad_input_cases(bad_inputs, corpus) if c[0] == name)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv('HYDRA_FULL_ERROR', raising=False)
+    before = snapshot(bad_inputs)
+    code, err = run_cli(argv, capsys)
+    assert code == 2
+    errors = [line for line in err.splitlines() if line.startswith('error:')]
+    assert errors == [f'error: {MESSAGES[name].format(d=bad_inputs)}'] and err.endswith(errors[0] + '\n')
+    assert 'Traceback' not in err
+    assert snapshot(bad_inputs) == before  # nothing written, nothing created (run directories included)
+
+
+def test_bf16_on_a_gpu_without_it_suggests_16(monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda *a: (7, 5))
+    monkeypatch.setattr(torch.cuda, 'get_device_name', lambda *a: 'Tesla T4')
+    with pytest.raises(main.ConfigError) as error:
+        main.resolve_precision('bf16', 'gpu')
+    assert str(error.value) == ('trainer.precision=bf16 needs an Ampere or newer GPU (this Tesla T4 has compute '
+                                'capability 7.5): use trainer.precision=16')
+    assert main.resolve_precision('16', 'gpu') == '16-mixed'
+
+
+@pytest.mark.parametrize('full_error', [False, True])
+def test_command_line_error_through_python_main_py(tmp_path, full_error):
+    """The real command: one line and exit 2; with HYDRA_FULL_ERROR=1 the traceback is shown."""
+    env = {k: v for k, v in os.environ.items() if k != 'HYDRA_FULL_ERROR'}
+    if full_error:
+        env['HYDRA_FULL_ERROR'] = '1'
+    proc = subprocess.run([sys.executable, 'main.py', 'sampling.steps=0', f'hydra.run.dir={tmp_path}/run'], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    if full_error:
+        assert 'Traceback' in proc.stderr and 'sampling.steps=0 must be >= 1' in proc.stderr
+    else:
+        assert (proc.returncode, proc.stderr) == (2, 'error: sampling.steps=0 must be >= 1 (e.g. sampling.steps=128)\n')
+    assert not (tmp_path / 'run').exists()
+
+
+# ---- atomic writes ---------------------------------------------------------------------------
+def test_a_write_that_dies_midway_leaves_the_old_file(tmp_path):
+    path = tmp_path / 'last.ckpt'
+    path.write_bytes(b'old')
+
+    def dies(f):
+        f.write(b'half of the new')
+        raise KeyboardInterrupt  # a signal in the middle of the write
+
+    with pytest.raises(KeyboardInterrupt):
+        checkpoints.atomic_write(path, dies)
+    assert path.read_bytes() == b'old' and sorted(tmp_path.iterdir()) == [path]
+    checkpoints.atomic_write(path, lambda f: f.write(b'new'))
+    assert path.read_bytes() == b'new' and sorted(tmp_path.iterdir()) == [path]
+
+
+def test_temporary_files_of_killed_saves_are_removed(tmp_path):
+    (tmp_path / '.last.ckpt.k3j2_x.tmp').write_bytes(b'x' * 10)  # what a SIGKILL mid-save leaves
+    (tmp_path / 'last.ckpt').write_bytes(b'good')
+    (tmp_path / '.hidden').write_bytes(b'not ours')
+    assert checkpoints.remove_stale_temps(tmp_path) == 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['.hidden', 'last.ckpt']
+
+
+# ---- disk space ------------------------------------------------------------------------------
+@pytest.fixture
+def small_disk(tmp_path, monkeypatch):
+    """A disk of `capacity` bytes holding the files of tmp_path (free space = capacity - their size)."""
+    disk = {'capacity': 0}
+
+    def free(directory):
+        used = sum(p.stat().st_size for p in tmp_path.rglob('*') if p.is_file())
+        return disk['capacity'] - used
+    monkeypatch.setattr(checkpoints, 'free_bytes', free)
+    return disk
+
+
+MB = 2 ** 20
+
+
+def test_low_disk_deletes_the_oldest_periodic_checkpoints_never_last(tmp_path, small_disk):
+    for name in ('last.ckpt', 'step-100.ckpt', 'step-200.ckpt', 'step-300.ckpt', 'notes.txt'):
+        (tmp_path / name).write_bytes(b'x' * 10 * MB)
+    # A 10 MB save needs 10 + 16 MB (headroom); 6 MB are free: deleting step-100 and step-200 gives 26.
+    small_disk['capacity'] = 56 * MB
+    checkpoints.make_room(tmp_path / 'step-400.ckpt', 10 * MB)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['last.ckpt', 'notes.txt', 'step-300.ckpt']
+    with pytest.raises(checkpoints.DiskFullError) as error:  # still short after deleting step-300
+        checkpoints.make_room(tmp_path / 'step-400.ckpt', 40 * MB)
+    assert 'not enough disk space to save' in str(error.value) and 'run the same command again' in str(error.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['last.ckpt', 'notes.txt']
+    assert (tmp_path / 'last.ckpt').stat().st_size == 10 * MB
+
+
+def test_a_full_disk_during_the_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / 'last.ckpt'
+    good = {'state_dict': {'backbone.w': torch.ones(3)}, 'global_step': 1}
+    checkpoints.AtomicCheckpointIO().save_checkpoint(good, path)
+
+    def enospc(obj, f):
+        f.write(b'partial')
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(torch, 'save', enospc)
+    with pytest.raises(checkpoints.DiskFullError, match='the disk filled up while saving'):
+        checkpoints.AtomicCheckpointIO().save_checkpoint({**good, 'global_step': 2}, path)
+    monkeypatch.undo()
+    assert checkpoints.read_progress(path)[0] == 1 and sorted(tmp_path.iterdir()) == [path]
+
+
+def test_non_finite_weights_are_never_written(tmp_path):
+    path = tmp_path / 'last.ckpt'
+    checkpoints.AtomicCheckpointIO().save_checkpoint({'state_dict': {'backbone.w': torch.ones(2)}, 'global_step': 1},
+                                                     path)
+    bad = {'state_dict': {'backbone.w': torch.tensor([1.0, float('nan')])}, 'global_step': 2}
+    with pytest.raises(checkpoints.RunStopped, match='the weights are not finite at step 2'):
+        checkpoints.AtomicCheckpointIO().save_checkpoint(bad, path)
+    assert checkpoints.read_progress(path)[0] == 1
