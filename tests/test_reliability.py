@@ -533,3 +533,87 @@ def test_non_finite_weights_are_never_written(tmp_path):
     with pytest.raises(checkpoints.RunStopped, match='the weights are not finite at step 2'):
         checkpoints.AtomicCheckpointIO().save_checkpoint(bad, path)
     assert checkpoints.read_progress(path)[0] == 1
+
+
+# ---- non-finite loss or gradients ------------------------------------------------------------
+class Recorder(L.Callback):
+    """Weights and EMA after every optimizer step."""
+
+    def __init__(self):
+        self.weights, self.ema = [], []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.weights.append(torch.cat([p.detach().reshape(-1).clone() for p in module.backbone.parameters()]))
+        self.ema.append(torch.cat([p.reshape(-1).clone() for p in module.ema.shadow_params]))
+
+
+class InfiniteGradient(torch.autograd.Function):
+    """The identity, whose backward pass makes every gradient non-finite."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float('inf')
+
+
+def poisoned(model, loss_steps=(), grad_steps=()):
+    """Make the loss NaN at the optimizer steps `loss_steps` and the gradients non-finite (the loss
+    staying finite) at `grad_steps`."""
+    clean = model.algo.loss
+
+    def loss(module, x0, mask, t, step):
+        per_token, weight = clean(module, x0, mask, t, step)
+        if step in loss_steps:
+            per_token = per_token * float('nan')
+        if step in grad_steps:
+            per_token = InfiniteGradient.apply(per_token)
+        return per_token, weight
+    model.algo.loss = loss
+    return model
+
+
+def nonfinite_fit(tmp_path, max_steps, limit, **poison):
+    from test_duo_train import SameBatch, make_config, new_model
+    config = make_config('algo=mdlm', *TINY[:1], 'model.length=8', *TINY[2:], 'training.ema=0.9',
+                         f'training.max_nonfinite_steps={limit}', 'lr_scheduler.num_warmup_steps=0', 'optim.lr=1e-2')
+    model = poisoned(new_model(config), **poison)
+    recorder = Recorder()
+    trainer = L.Trainer(accelerator='cpu', devices=1, max_steps=max_steps, gradient_clip_val=1.0, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0, plugins=[checkpoints.AtomicCheckpointIO()],
+                        callbacks=[recorder, callbacks.RunCheckpoint(tmp_path, 1, 100)])
+    trainer.fit(model, torch.utils.data.DataLoader(SameBatch(), batch_size=None))
+    return model, recorder
+
+
+def test_non_finite_loss_or_gradients_skip_the_step_with_a_counted_warning(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger='diffusion'):
+        model, rec = nonfinite_fit(tmp_path, 6, limit=3, loss_steps={1}, grad_steps={3, 4})
+    w, ema = rec.weights, rec.ema
+    for skipped in (1, 3, 4):  # neither the weights nor the EMA move
+        assert torch.equal(w[skipped], w[skipped - 1]) and torch.equal(ema[skipped], ema[skipped - 1])
+    for applied in (2, 5):
+        assert not torch.equal(w[applied], w[applied - 1]) and not torch.equal(ema[applied], ema[applied - 1])
+    assert model.nonfinite_steps == 3 and model.ema.num_updates == 3
+    warnings = [r.getMessage() for r in caplog.records if 'step skipped' in r.getMessage()]
+    assert warnings == ['Step 1: non-finite loss, step skipped (1 skipped so far, 1 in a row; the run stops at 3 in a row)',
+                        'Step 3: non-finite gradients, step skipped (2 skipped so far, 1 in a row; the run stops at 3 '
+                        'in a row)',
+                        'Step 4: non-finite gradients, step skipped (3 skipped so far, 2 in a row; the run stops at 3 '
+                        'in a row)']
+
+
+def test_many_non_finite_steps_in_a_row_stop_the_run_without_a_bad_checkpoint(tmp_path):
+    with pytest.raises(checkpoints.RunStopped) as error:
+        nonfinite_fit(tmp_path, 20, limit=3, loss_steps=set(range(2, 20)))
+    assert str(error.value).startswith('non-finite loss or gradients in 3 optimizer steps in a row (up to step 4, '
+                                       'training.max_nonfinite_steps=3): training stopped without saving')
+    saved = sorted(p.name for p in tmp_path.glob('*.ckpt'))
+    assert saved == ['last.ckpt', 'step-1.ckpt', 'step-2.ckpt', 'step-3.ckpt', 'step-4.ckpt']
+    for name in saved:  # every checkpoint holds finite weights and EMA
+        ckpt = checkpoints.read_checkpoint(tmp_path / name)
+        assert all(torch.isfinite(v).all() for v in ckpt['state_dict'].values() if v.is_floating_point())
+        assert all(torch.isfinite(p).all() for p in ckpt['ema']['shadow_params'])
