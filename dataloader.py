@@ -778,9 +778,15 @@ def get_datasets(config, tokenizer, splits=('train', 'validation')) -> dict[str,
         caches[split] = cached_blocks(source, tokenizer, vocab_size, data, block_length, wrap, insert_eos, split)
         if len(caches[split]) == 0:
             meta = caches[split].meta
+            if meta['documents'] == 0:
+                raise DataError(f'the {split} split of data={data.name} has no documents ({source.files.setting} '
+                                f'holds no text): give files with text (e.g. {source.files.setting}=corpus/*.txt)')
+            # The largest power of two that the tokens would fill, as an example that can work.
+            fits = 2 ** max(2, int(meta['tokens']).bit_length() - 1)
+            fix = f'lower model.length (e.g. model.length={fits})' if fits < length else 'use more text'
             raise DataError(f'the {split} split of data={data.name} has {meta["documents"]} documents and '
-                            f'{meta["tokens"]} tokens, too few for one block of model.length={length}; '
-                            f'add documents or lower model.length (e.g. model.length=128)')
+                            f'{meta["tokens"]} tokens, too few for one block of model.length={length}: add '
+                            f'documents or {fix}')
     return caches
 
 

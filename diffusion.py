@@ -272,6 +272,11 @@ class Diffusion(L.LightningModule):
         self._teacher = None
         self._teacher_round = -1  # the round whose snapshot the teacher holds; -1: none yet
         self.micro_step = 0   # training batches seen; seeds the noise so that resumes are exact
+        self.nonfinite_steps = 0        # optimizer steps skipped for non-finite loss or gradients ...
+        self.nonfinite_in_a_row = 0     # ... and how many of the latest in a row
+        self._loss_finite = None        # all losses of the current accumulation window finite (tensor)
+        self._step_skipped = False
+        self.stop_validation = False    # set when the run is stopping (callbacks.GracefulStop)
         self._curriculum_over_logged = False
         self.valid_metric = NLLMetric()
 
@@ -338,6 +343,8 @@ class Diffusion(L.LightningModule):
     def training_step(self, batch, batch_idx):
         per_token, weight = self._loss(batch, self.global_step)
         loss = (per_token * weight).sum() / weight.sum()
+        finite = torch.isfinite(loss.detach())  # read at the optimizer step: no sync per batch
+        self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
         self.micro_step += 1
         self.log('train/loss', loss.detach(), prog_bar=True, sync_dist=False)
         if isinstance(self.algo, DUO):
@@ -353,8 +360,42 @@ class Diffusion(L.LightningModule):
             self.log('train/delta', self.algo.delta(self.global_step))
         return loss
 
-    def on_before_zero_grad(self, optimizer):
-        if self.ema is not None:
+    def on_before_optimizer_step(self, optimizer):
+        """Skip the step when the loss or the (unscaled) gradients are not finite: no parameter,
+        optimizer-state or EMA update (fp16 loss scaling then lowers its scale); stop after
+        `training.max_nonfinite_steps` such steps in a row."""
+        grads = [p.grad for p in self.backbone.parameters() if p.grad is not None]
+        finite = torch.stack(torch._foreach_norm(grads)).isfinite().all() if grads else torch.tensor(True)
+        if self._loss_finite is not None:
+            finite = finite & self._loss_finite.to(finite.device)
+        loss_finite, self._loss_finite = self._loss_finite, None
+        finite = bool(finite)
+        if self.trainer.world_size > 1:  # FSDP shards the gradients: decide together
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        self._step_skipped = not finite
+        if finite:
+            self.nonfinite_in_a_row = 0
+            return
+        for p in self.backbone.parameters():
+            p.grad = None  # AdamW leaves parameters without gradients (and their state) untouched
+        self.nonfinite_steps += 1
+        self.nonfinite_in_a_row += 1
+        what = 'loss' if loss_finite is not None and not bool(loss_finite) else 'gradients'
+        limit = int(self.config.training.max_nonfinite_steps)
+        if self.nonfinite_in_a_row >= limit:
+            from checkpoints import RunStopped
+            raise RunStopped(
+                f"non-finite loss or gradients in {self.nonfinite_in_a_row} optimizer steps in a row (up to step "
+                f"{self.global_step}, training.max_nonfinite_steps={limit}): training stopped without saving; the last "
+                f"good checkpoint is kept. Lower optim.lr, use trainer.precision=bf16 or 32, or check the data")
+        log.warning('Step %d: non-finite %s, step skipped (%d skipped so far, %d in a row; the run stops at %d in a row)',
+                    self.global_step, what, self.nonfinite_steps, self.nonfinite_in_a_row, limit)
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        self._step_skipped = False
+        optimizer.step(closure=optimizer_closure)
+        # The EMA follows every applied step, right after it (a checkpoint then holds both).
+        if self.ema is not None and not self._step_skipped:
             self.ema.update(self.backbone.parameters())
 
     def configure_optimizers(self):
@@ -374,6 +415,8 @@ class Diffusion(L.LightningModule):
             self._ema_ctx.__enter__()
 
     def validation_step(self, batch, batch_idx):
+        if self.stop_validation:
+            return
         per_token, weight = self._loss(batch, self.global_step, train=False)
         self.valid_metric.update(per_token * weight, weight)
 
@@ -381,6 +424,8 @@ class Diffusion(L.LightningModule):
         if self._ema_ctx is not None:
             self._ema_ctx.__exit__(None, None, None)
             self._ema_ctx = None
+        if self.stop_validation:  # interrupted: no partial metrics
+            return
         nll, ppl, bpd, tokens = self.valid_metric.compute()  # already summed over ranks
         # sync_dist averages values that are equal on every rank: a no-op that keeps Lightning quiet.
         self.log_dict({'val/nll': nll, 'val/ppl': ppl, 'val/bpd': bpd, 'val/tokens': float(tokens)}, sync_dist=True)

@@ -7,8 +7,12 @@ Examples:
 """
 import json
 import logging
+import logging.handlers
 import os
+import re
+import signal
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -17,6 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 log = logging.getLogger('duo')
+STARTED = time.monotonic()  # trainer.max_time counts from here
 
 MODES = ('train', 'ppl_eval', 'sample_eval')
 PRECISIONS = {'16': '16-mixed', '16-mixed': '16-mixed', 'fp16': '16-mixed', 'bf16': 'bf16-mixed',
@@ -57,7 +62,8 @@ def resolve_precision(precision, accelerator: str) -> str:
             return '32-true'
         return 'bf16-mixed' if torch.cuda.get_device_capability()[0] >= 8 else '16-mixed'
     if precision not in PRECISIONS:
-        raise ConfigError(f"trainer.precision={precision} is not supported: use one of 16, bf16, 32 or auto")
+        raise ConfigError(f"trainer.precision={precision} is not supported: use one of 16, bf16, 32 or auto "
+                          f"(e.g. trainer.precision=bf16)")
     resolved = PRECISIONS[precision]
     if accelerator != 'gpu' and resolved == '16-mixed':
         log.warning('trainer.precision=%s (fp16 mixed precision) needs a GPU; using 32 on the CPU', precision)
@@ -69,10 +75,49 @@ def resolve_precision(precision, accelerator: str) -> str:
     return resolved
 
 
+def setting_int(config, key: str, example) -> int:
+    """The integer setting `key` (dotted), or ConfigError naming it."""
+    value = OmegaConf.select(config, key)
+    try:
+        if isinstance(value, bool) or value is None or float(value) != int(float(value)):
+            raise ValueError
+        return int(float(value))
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}={value} must be an integer (e.g. {key}={example})") from None
+
+
+def setting_float(config, key: str, example) -> float:
+    value = OmegaConf.select(config, key)
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}={value} must be a number (e.g. {key}={example})") from None
+
+
+def max_time_seconds(value) -> int | None:
+    """trainer.max_time (DD:HH:MM:SS, as Lightning spells it) in seconds; None when unset."""
+    if value is None or str(value).strip() in ('', 'None', 'null'):
+        return None
+    match = re.fullmatch(r'(\d+):(\d\d):(\d\d):(\d\d)', str(value).strip())
+    if not match:
+        raise ConfigError(f"trainer.max_time={value} is not DD:HH:MM:SS (e.g. trainer.max_time=00:11:30:00)")
+    days, hours, minutes, seconds = map(int, match.groups())
+    return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+
+
 def resolve_config(config: DictConfig) -> DictConfig:
     """Fill the derived settings (batch sizes, accumulation, precision) and reject bad values."""
     if config.mode not in MODES:
         raise ConfigError(f"mode={config.mode} is unknown: use one of {', '.join(MODES)} (e.g. mode=train)")
+    for key, example in (('loader.global_batch_size', 512), ('loader.eval_global_batch_size', 512),
+                         ('trainer.num_nodes', 1)):
+        if setting_int(config, key, example) < 1:
+            raise ConfigError(f"{key}={OmegaConf.select(config, key)} must be >= 1 (e.g. {key}={example})")
+    for key in ('loader.batch_size', 'loader.eval_batch_size', 'trainer.accumulate_grad_batches'):
+        if OmegaConf.select(config, key) is not None and setting_int(config, key, 8) < 1:
+            raise ConfigError(f"{key}={OmegaConf.select(config, key)} must be >= 1 (e.g. {key}=8)")
     t, loader = config.trainer, config.loader
     accelerator = resolve_accelerator(t)
     world = device_count(t) * int(t.num_nodes)
@@ -93,12 +138,26 @@ def resolve_config(config: DictConfig) -> DictConfig:
             t.accumulate_grad_batches = int(loader.global_batch_size) // per_step
         else:
             loader.global_batch_size = per_step * int(t.accumulate_grad_batches)
-    if int(config.model.length) < 4:
+    for key, example in (('model.hidden_size', 768), ('model.cond_dim', 128), ('model.n_blocks', 12),
+                         ('model.n_heads', 12)):
+        if setting_int(config, key, example) < 1:
+            raise ConfigError(f"{key}={OmegaConf.select(config, key)} must be >= 1 (e.g. {key}={example})")
+    if setting_int(config, 'model.length', 128) < 4:
         raise ConfigError(f"model.length={config.model.length} is too short: use at least 4 (e.g. model.length=128)")
-    if int(config.sampling.steps) < 1:
+    if not 0 <= setting_float(config, 'model.dropout', 0.1) < 1:
+        raise ConfigError(f"model.dropout={config.model.dropout} must be in [0, 1) (e.g. model.dropout=0.1)")
+    if setting_int(config, 'sampling.steps', 128) < 1:
         raise ConfigError(f"sampling.steps={config.sampling.steps} must be >= 1 (e.g. sampling.steps=128)")
-    if not 0 < float(config.sampling.p_nucleus) <= 1:
+    if not 0 < setting_float(config, 'sampling.p_nucleus', 0.9) <= 1:
         raise ConfigError(f"sampling.p_nucleus={config.sampling.p_nucleus} must be in (0, 1] (e.g. sampling.p_nucleus=0.9)")
+    if config.mode == 'train':
+        for key, low, example in (('trainer.max_steps', 1, 100000), ('checkpointing.every_n_train_steps', 1, 5000),
+                                  ('checkpointing.keep_last', 0, 3), ('training.max_nonfinite_steps', 1, 25)):
+            if setting_int(config, key, example) < low:
+                raise ConfigError(f"{key}={OmegaConf.select(config, key)} must be >= {low} (e.g. {key}={example})")
+        if not 0 <= setting_float(config, 'training.ema', 0.9999) < 1:
+            raise ConfigError(f"training.ema={config.training.ema} must be in [0, 1) (0 = no EMA; e.g. training.ema=0.9999)")
+        max_time_seconds(t.max_time)
     return config
 
 
@@ -118,7 +177,7 @@ def load_for_eval(config, tokenizer):
     """
     import checkpoints
     path = str(config.eval.checkpoint_path)
-    state_dict, ema_state, meta = checkpoints.load_weights(path)
+    state_dict, ema_state, meta = checkpoints.load_weights(path, 'eval.checkpoint_path')
     if 'hf_config' in meta:
         adopt_model_settings(config, meta['hf_config'], path)
     model = build_model(config, tokenizer)
@@ -156,7 +215,7 @@ def read_finetune(config):
     if not (Path(path).exists() or checkpoints.is_hf_reference(path)):
         raise ConfigError(f"training.finetune_path={path} does not exist: pass the trained model to start from "
                           f"(e.g. training.finetune_path=outputs/owt/duo-small-L1024/checkpoints/last.ckpt)")
-    state_dict, ema_state, meta = checkpoints.load_weights(path)
+    state_dict, ema_state, meta = checkpoints.load_weights(path, 'training.finetune_path')
     if 'hf_config' in meta:
         adopt_model_settings(config, meta['hf_config'], path)
     return state_dict, ema_state
@@ -192,16 +251,20 @@ def run_history_logger(run_dir: Path, resume_step: int):
     from lightning.pytorch.loggers import CSVLogger
     from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
+    from checkpoints import atomic_write
+
     class ContinuedWriter(ExperimentWriter):
         def _check_log_dir_exists(self):
             if not os.path.isfile(self.metrics_file_path):
                 return
-            with open(self.metrics_file_path, newline='') as f:
-                rows = [r for r in csv.DictReader(f) if int(r.get('step') or 0) < resume_step]
-                keys = sorted(set().union(*rows)) if rows else []
+            rows = [r for r in _read_rows(self.metrics_file_path) if r['step'] < resume_step]
+            keys = sorted(set().union(*rows)) if rows else []
             self.metrics_keys = keys
-            from checkpoints import atomic_write
             atomic_write(self.metrics_file_path, lambda f: _write_rows(f, keys, rows), mode='w')
+
+        def _rewrite_with_new_header(self, fieldnames):  # Lightning truncates and rewrites in place
+            rows = _read_rows(self.metrics_file_path)
+            atomic_write(self.metrics_file_path, lambda f: _write_rows(f, fieldnames, rows), mode='w')
 
     class RunLogger(CSVLogger):
         @property
@@ -213,6 +276,26 @@ def run_history_logger(run_dir: Path, resume_step: int):
     return RunLogger(run_dir, name='logs', version='')
 
 
+def _read_rows(path) -> list[dict]:
+    """The rows of a metrics.csv with an integer step; a last line cut short by a kill (no final
+    newline) is dropped."""
+    import csv
+    import io
+    with open(path, newline='') as f:
+        text = f.read()
+    if not text.endswith('\n'):
+        text = text[:text.rfind('\n') + 1]
+    rows = []
+    for row in csv.DictReader(io.StringIO(text)):
+        row.pop(None, None)  # cells beyond the header
+        try:
+            row['step'] = int(row.get('step') or '')
+        except ValueError:
+            continue
+        rows.append({k: v for k, v in row.items() if v not in (None, '') or k == 'step'})
+    return rows
+
+
 def _write_rows(f, keys, rows):
     import csv
     writer = csv.DictWriter(f, fieldnames=keys)
@@ -220,9 +303,12 @@ def _write_rows(f, keys, rows):
     writer.writerows(rows)
 
 
-def build_trainer(config, run_dir: Path, for_training: bool, resume_step: int = 0):
+def build_trainer(config, run_dir: Path, for_training: bool, resume_step: int = 0, stop=None):
+    """The Lightning Trainer; for training with RunCheckpoint and `stop` (a callbacks.GracefulStop,
+    which also enforces trainer.max_time: Lightning's own timer would count the time of earlier
+    runs restored from the checkpoint and stop inside a gradient-accumulation window)."""
     import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
+    from callbacks import RunCheckpoint
     from checkpoints import AtomicCheckpointIO
 
     t = config.trainer
@@ -234,13 +320,10 @@ def build_trainer(config, run_dir: Path, for_training: bool, resume_step: int = 
     callbacks = []
     if for_training:
         ckpt_dir = Path(config.checkpointing.save_dir) / 'checkpoints'
-        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename='step-{step}', auto_insert_metric_name=False,
-                                         every_n_train_steps=int(config.checkpointing.every_n_train_steps),
-                                         save_top_k=int(config.checkpointing.keep_last), monitor='step',
-                                         mode='max', save_last=True,
-                                         # last.ckpt is always overwritten: a resume (or main.py's own
-                                         # save when stopped early) must never leave it stale beside last-v1.ckpt
-                                         enable_version_counter=False))
+        callbacks.append(RunCheckpoint(ckpt_dir, int(config.checkpointing.every_n_train_steps),
+                                       int(config.checkpointing.keep_last)))
+        if stop is not None:
+            callbacks.append(stop)
     strategy = config.strategy.name
     if strategy == 'ddp':
         from lightning.pytorch.strategies import DDPStrategy
@@ -253,7 +336,7 @@ def build_trainer(config, run_dir: Path, for_training: bool, resume_step: int = 
     val_interval = t.val_check_interval
     return L.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, precision=t.precision,
-        strategy=strategy, max_steps=t.max_steps, max_time=t.max_time, accumulate_grad_batches=t.accumulate_grad_batches,
+        strategy=strategy, max_steps=t.max_steps, accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=config.optim.grad_clip or None, val_check_interval=val_interval,
         check_val_every_n_epoch=None if isinstance(val_interval, int) else t.check_val_every_n_epoch,
         limit_train_batches=t.limit_train_batches, limit_val_batches=t.limit_val_batches,
@@ -273,9 +356,11 @@ def write_json(path, payload):
 
 # ---- modes ---------------------------------------------------------------------------------
 def train(config, run_dir: Path):
+    import checkpoints
     import dataloader
+    from callbacks import GracefulStop
     tokenizer = dataloader.get_tokenizer(config)
-    last = Path(config.checkpointing.save_dir) / 'checkpoints' / 'last.ckpt'
+    last = Path(config.checkpointing.save_dir) / 'checkpoints' / checkpoints.LAST
     ckpt_path = str(last) if config.checkpointing.resume and last.exists() else None
     resume_step = 0
     finetune = None
@@ -284,21 +369,65 @@ def train(config, run_dir: Path):
     elif config.algo.name == 'distillation' and not ckpt_path:
         log.warning('algo=distillation without training.finetune_path distils an untrained model; '
                     'pass training.finetune_path=<the trained DUO checkpoint>')
-    train_loader, valid_loader = dataloader.get_dataloaders(config, tokenizer)
-    model = build_model(config, tokenizer)
+    model = build_model(config, tokenizer)  # before the data: a bad model or checkpoint is reported at once
     if ckpt_path:
-        import checkpoints
-        resume_step, micro_step = checkpoints.read_progress(ckpt_path)
-        # Continue the data stream after the batches the checkpoint has already trained on.
-        train_loader.batch_sampler.start = micro_step
-        log.info('Resuming from %s (step %d, after %d batches)', ckpt_path, resume_step, micro_step)
+        resume_step, micro_step = check_resumable(last, model)
     elif finetune is not None:
         load_finetune(model, *finetune, str(config.training.finetune_path))
-    trainer = build_trainer(config, run_dir, for_training=True, resume_step=resume_step)
-    trainer.fit(model, train_loader, valid_loader, ckpt_path=ckpt_path)
-    trainer.save_checkpoint(last)  # the final state: ModelCheckpoint saves only every_n_train_steps
-    if trainer.global_step < int(config.trainer.max_steps):  # stopped early (trainer.max_time)
-        log.info('Stopped at step %d; saved %s (run the same command again to resume)', trainer.global_step, last)
+    train_loader, valid_loader = dataloader.get_dataloaders(config, tokenizer)
+    check_training_blocks(config, train_loader.batch_sampler)
+    if ckpt_path:  # continue the data stream after the batches the checkpoint has already trained on
+        train_loader.batch_sampler.start = micro_step
+    budget = max_time_seconds(config.trainer.max_time)
+    stop = GracefulStop(None if budget is None else STARTED + budget)
+    trainer = build_trainer(config, run_dir, for_training=True, resume_step=resume_step, stop=stop)
+    begin_run(config, run_dir)
+    if ckpt_path:
+        log.info('Resuming from %s (step %d, after %d batches)', ckpt_path, resume_step, micro_step)
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+    try:
+        trainer.fit(model, train_loader, valid_loader, ckpt_path=ckpt_path)
+    except SIGTERMException:  # Lightning's handler, before the training loop began: nothing new to save
+        log.info('Received SIGTERM before training started; %s is unchanged', last)
+        sys.exit(128 + signal.SIGTERM)
+    # The final state (unless the checkpoint callback has just saved this very step).
+    if not last.exists() or checkpoints.read_progress(last)[0] != trainer.global_step:
+        trainer.save_checkpoint(last)
+    if trainer.global_step < int(config.trainer.max_steps):
+        why = 'trainer.max_time is nearly over' if stop.reason == 'max_time' else f'received {stop.reason}'
+        log.info('Stopped at step %d (%s); saved %s: run the same command again to resume', trainer.global_step,
+                 why, last)
+        if stop.signum is not None:
+            sys.exit(128 + stop.signum)
+
+
+def check_training_blocks(config, sampler):
+    """The training split must fill one batch per device (the sampler would only find out in fit)."""
+    import dataloader
+    world = device_count(config.trainer) * int(config.trainer.num_nodes)
+    if sampler.n // world < sampler.batch_size:
+        raise dataloader.DataError(
+            f'the training split of data={config.data.name} has {sampler.n} blocks of model.length='
+            f'{config.model.length}, fewer than loader.batch_size={sampler.batch_size} x {world} devices: add '
+            f'documents or lower loader.batch_size (e.g. loader.batch_size={max(sampler.n // world, 1)})')
+
+
+def check_resumable(last: Path, model) -> tuple[int, int]:
+    """(step, batches consumed) of the run's last.ckpt, after checking that it is readable and of this model."""
+    import checkpoints
+    try:
+        checkpoint = checkpoints.read_checkpoint(last, mmap=True)
+    except checkpoints.CheckpointError as e:
+        periodic = checkpoints.periodic_checkpoints(last.parent)
+        fix = f'copy the newest periodic checkpoint over it (cp {periodic[-1]} {last})' if periodic else \
+            f'delete it to start again'
+        reason = str(e).split(' (', 1)[-1].split(');', 1)[0]
+        raise checkpoints.CheckpointError(f'{last} cannot be read ({reason}): {fix}, or start a new run elsewhere '
+                                          f'(hydra.run.dir=...)') from None
+    state_dict = {k[len(checkpoints.PREFIX):]: v for k, v in checkpoint['state_dict'].items()
+                  if k.startswith(checkpoints.PREFIX)}
+    checkpoints.check_compatible(state_dict, model.backbone, f'the run to resume ({last})')
+    return int(checkpoint.get('global_step', 0)), int(checkpoint.get('micro_step', 0))
 
 
 def ppl_eval(config, run_dir: Path):
@@ -307,6 +436,7 @@ def ppl_eval(config, run_dir: Path):
     model = load_for_eval(config, tokenizer)
     _, valid_loader = dataloader.get_dataloaders(config, tokenizer)
     trainer = build_trainer(config, run_dir, for_training=False)
+    begin_run(config, run_dir)
     metrics = trainer.validate(model, valid_loader, verbose=False)[0]
     result = {'nll': metrics['val/nll'], 'ppl': metrics['val/ppl'], 'bpd': metrics['val/bpd'],
               'tokens': int(metrics['val/tokens']), 'checkpoint': str(config.eval.checkpoint_path),
@@ -323,6 +453,7 @@ def sample_eval(config, run_dir: Path):
     tokenizer = dataloader.get_tokenizer(config)
     model = load_for_eval(config, tokenizer)
     device = torch.device('cuda' if config.trainer.accelerator == 'gpu' else 'cpu')
+    begin_run(config, run_dir)
     model.to(device).eval()
     torch.manual_seed(config.seed)
     batches = []
@@ -358,23 +489,159 @@ def quiet_libraries():
     warnings.filterwarnings('ignore', message='.*isinstance\\(treespec, LeafSpec\\)')
 
 
-@hydra.main(version_base=None, config_path='configs', config_name='config')
+class RunLog:
+    """Keeps this command's lines of <run dir>/main.log (Hydra's log file) in memory until its inputs
+    are validated (begin_run), so that a command that fails on bad input modifies no file of an
+    existing run; the empty main.log and the run directory that Hydra created for it are removed."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.path = (run_dir / 'main.log').resolve()
+        root = logging.getLogger()
+        self.handlers = [h for h in root.handlers if isinstance(h, logging.FileHandler)
+                         and Path(h.baseFilename).resolve() == self.path]
+        entries = list(run_dir.iterdir()) if run_dir.is_dir() else []
+        # Hydra has just opened main.log: an empty one is (almost surely) its creation, a directory
+        # holding only that file a new run directory.
+        self.new_log = self.path.is_file() and self.path.stat().st_size == 0
+        self.new_dir = self.new_log and [e.name for e in entries] == ['main.log']
+        self.buffer = logging.handlers.MemoryHandler(capacity=2 ** 31, flushLevel=logging.CRITICAL + 1,
+                                                     flushOnClose=False)
+        for handler in self.handlers:
+            root.removeHandler(handler)
+        root.addHandler(self.buffer)
+        self.begun = False
+
+    def begin(self):
+        """Write the held lines and log from now on to main.log."""
+        root = logging.getLogger()
+        root.removeHandler(self.buffer)
+        for record in self.buffer.buffer:
+            for handler in self.handlers:
+                handler.handle(record)
+        self.buffer.buffer.clear()
+        for handler in self.handlers:
+            root.addHandler(handler)
+        self.begun = True
+
+    def discard(self):
+        """The command failed before begin(): drop the held lines, and the run directory if it is new."""
+        if self.begun:
+            return
+        logging.getLogger().removeHandler(self.buffer)
+        for handler in self.handlers:
+            handler.close()
+        if self.new_log and self.path.is_file() and self.path.stat().st_size == 0:
+            self.path.unlink()
+            if self.new_dir:
+                try:
+                    self.run_dir.rmdir()
+                except OSError:
+                    pass
+
+
+_RUN_LOG: RunLog | None = None
+
+
+def begin_run(config, run_dir: Path):
+    """The inputs are valid: from here on the command writes to its run directory."""
+    if _RUN_LOG is not None:
+        _RUN_LOG.begin()
+    log.info('Run directory: %s', run_dir)
+    write_text(run_dir / f'config_{config.mode}.yaml', OmegaConf.to_yaml(config))
+
+
+def fail(message: str, code: int):
+    """One line on stderr and the exit code (the traceback only with HYDRA_FULL_ERROR=1)."""
+    print(f'error: {message}', file=sys.stderr)
+    sys.exit(code)
+
+
+@hydra.main(version_base=None, config_path=str(Path(__file__).resolve().parent / 'configs'), config_name='config')
 def main(config: DictConfig):
+    global _RUN_LOG
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     quiet_libraries()
+    _RUN_LOG = RunLog(run_dir)
+    import checkpoints
+    full_error = os.environ.get('HYDRA_FULL_ERROR') == '1'
     try:
         config = resolve_config(config)
         import lightning as L
         L.seed_everything(config.seed, verbose=False)
-        log.info('Run directory: %s', run_dir)
-        write_text(run_dir / f'config_{config.mode}.yaml', OmegaConf.to_yaml(config))
         return {'train': train, 'ppl_eval': ppl_eval, 'sample_eval': sample_eval}[config.mode](config, run_dir)
     except ValueError as e:  # ConfigError, CheckpointError and the data/model checks
-        if os.environ.get('HYDRA_FULL_ERROR') == '1':
+        _RUN_LOG.discard()
+        if full_error:
             raise
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
+        fail(str(e), 2)
+    except checkpoints.RunStopped as e:  # no disk space, non-finite values: the run cannot go on
+        _RUN_LOG.discard()
+        log.error('%s', e)
+        if full_error:
+            raise
+        fail(str(e), 1)
+    except KeyboardInterrupt:
+        _RUN_LOG.discard()
+        fail('interrupted', 128 + signal.SIGINT)
+
+
+# ---- one-line messages for Hydra's own errors ----------------------------------------------
+GROUPS = ('algo', 'data', 'model', 'noise', 'lr_scheduler', 'strategy')
+
+
+def hydra_error_line(error: Exception) -> str:
+    """Hydra/OmegaConf's multi-line message for a bad command line as one line with an example."""
+    from hydra.errors import MissingConfigException
+    config_dir = Path(__file__).resolve().parent / 'configs'
+    if isinstance(error, MissingConfigException):
+        text = str(error)
+        group = next((g for g in GROUPS if f"'{g}/" in text), None)
+        if group is not None:
+            name = text.split(f"'{group}/", 1)[1].split("'", 1)[0]
+            options = sorted(p.stem for p in (config_dir / group).glob('*.yaml'))
+            default = OmegaConf.load(config_dir / 'config.yaml').defaults
+            example = next((d[group] for d in default if OmegaConf.is_dict(d) and group in d), options[0])
+            return f"{group}={name} is unknown: use one of {', '.join(options)} (e.g. {group}={example})"
+    text = str(error)
+    match = re.search(r"Could not override '([^']+)'", text)
+    if match and 'is not in struct' in f'{text} {error.__cause__}':
+        key = match.group(1)
+        return (f"{key} is not a setting (misspelt?): see configs/config.yaml for the settings "
+                f"(e.g. model.length=128); to add a new key write +{key}=...")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    cause = error.__cause__
+    if cause is not None and str(cause).strip() and str(cause).splitlines()[0].strip() not in lines:
+        lines.append(str(cause).splitlines()[0].strip())
+    return ' '.join(lines)
+
+
+def report_hydra_errors(original):
+    """Wrap Hydra's run_and_report, which prints a bad command line's error over several lines,
+    to print one instead; other errors (bugs) keep Hydra's report with a traceback."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    def run_and_report(func):
+        def checked():
+            try:
+                return func()
+            except (HydraException, OmegaConfBaseException) as e:
+                if os.environ.get('HYDRA_FULL_ERROR') == '1':
+                    raise
+                fail(hydra_error_line(e), 2)
+        return original(checked)
+    run_and_report.one_line = True
+    return run_and_report
+
+
+def cli():
+    """`python main.py ...`: main() with one-line messages for bad command lines."""
+    import hydra._internal.utils as hydra_utils
+    if not getattr(hydra_utils.run_and_report, 'one_line', False):
+        hydra_utils.run_and_report = report_hydra_errors(hydra_utils.run_and_report)
+    main()
 
 
 if __name__ == '__main__':
-    main()
+    cli()
