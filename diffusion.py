@@ -17,7 +17,7 @@ import noise_schedule
 import samplers
 from ema import EMA
 from metrics import NLLMetric
-from models.dit import DiT
+from models.dit import DiT, reusable_buffer
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ class AR:
 
     def loss(self, module, x0, attention_mask, t, step):
         logits = module.backbone(x0, attention_mask=attention_mask)
-        nll = losses.ar_nll(logits, x0, excluded_id=self.mask_id)
+        nll = losses.ar_nll(logits, x0, excluded_id=self.mask_id, reuse_logits=True)
         return nll, attention_mask[:, 1:]
 
     def sample(self, module, batch_size, length, config, generator=None, progress=False):
@@ -87,7 +87,7 @@ class MDLM(_Diffusion):
         alpha, dalpha = self.schedule.alpha(t)[:, None], self.schedule.dalpha(t)[:, None]
         xt = torch.where(torch.rand(x0.shape, device=x0.device) < 1 - alpha, self.mask_id, x0)
         logits = module.backbone(xt, self.sigma(alpha), attention_mask=attention_mask)
-        return losses.mdlm_loss(logits, x0, xt, alpha, dalpha, self.mask_id), attention_mask
+        return losses.mdlm_loss(logits, x0, xt, alpha, dalpha, self.mask_id, reuse_logits=True), attention_mask
 
 
 class DUOBase(_Diffusion):
@@ -103,7 +103,7 @@ class DUOBase(_Diffusion):
         alpha, dalpha = self.schedule.alpha(t)[:, None], self.schedule.dalpha(t)[:, None]
         xt = self.corrupt(x0, alpha)
         logits = module.backbone(xt, self.sigma(alpha), attention_mask=attention_mask)
-        return losses.duo_loss(logits, x0, xt, alpha, dalpha), attention_mask
+        return losses.duo_loss(logits, x0, xt, alpha, dalpha, reuse_logits=True), attention_mask
 
 
 class DUO(DUOBase):
@@ -137,22 +137,42 @@ class DUO(DUOBase):
         xt, weights = relaxed_gaussian_latent(x0, gamma, self.vocab_size, self.tau(step))
         logits = module.backbone(weights, self.sigma(alpha), attention_mask=attention_mask)
         del weights
-        return losses.duo_loss(logits, x0, xt, alpha, dalpha), attention_mask
+        return losses.duo_loss(logits, x0, xt, alpha, dalpha, reuse_logits=True), attention_mask
 
 
 def relaxed_gaussian_latent(x0, gamma, vocab_size, tau):
     """Draw w = alpha~ onehot(x0) + sigma~ eps, eps ~ N(0, I_K); return (argmax w, softmax(w / tau)).
 
-    One (B, L, K) float32 buffer: eps is drawn, shifted in place at x0 (argmax(alpha~ x + sigma~ eps)
-    = argmax(eps + (alpha~ / sigma~) x)), then turned into the softmax in place.
+    One (B, L, K) float32 buffer (models.dit.reusable_buffer: the same memory every step once the
+    previous step's weights are released), filled block by block while each block is in cache:
+    eps is drawn, shifted at x0 (argmax(alpha~ x + sigma~ eps) = argmax(eps + (alpha~ / sigma~) x)),
+    its argmax taken, and it becomes the softmax in place. The blocks draw exactly the numbers
+    of one torch.randn(B, L, K) (see _latent_blocks).
     """
     alpha_g, sigma_g = noise_schedule.gaussian_alpha_sigma(gamma.float())
-    w = torch.randn(*x0.shape, vocab_size, device=x0.device)
-    w.scatter_add_(-1, x0[..., None], (alpha_g / sigma_g)[:, None, None].expand(*x0.shape, 1).contiguous())
-    xt = w.argmax(-1)
-    w.mul_((sigma_g / tau)[:, None, None])  # = (alpha~ x + sigma~ eps) / tau
-    w.sub_(w.amax(-1, keepdim=True)).exp_()
-    return xt, w.div_(w.sum(-1, keepdim=True))
+    (B, L), K = x0.shape, vocab_size
+    w = reusable_buffer('duo.relaxed_input', (B * L, K), torch.float32, x0.device)
+    xt = torch.empty(B * L, dtype=torch.long, device=x0.device)
+    ratio = (alpha_g / sigma_g).repeat_interleave(L)[:, None]  # (B L, 1)
+    scale = (sigma_g / tau).repeat_interleave(L)[:, None]
+    ids = x0.reshape(-1, 1)
+    for sel in _latent_blocks(B * L, K, x0.device):
+        block = w[sel].normal_()
+        block.scatter_add_(1, ids[sel], ratio[sel])
+        top = block.argmax(-1, keepdim=True)  # argmax + gather: cheaper than max(-1) on the CPU
+        xt[sel] = top[:, 0]
+        block.sub_(block.gather(1, top)).mul_(scale[sel]).exp_()  # (w - max w) sigma~ / tau: subtract first, exactly
+        block.mul_(block.sum(-1, keepdim=True).reciprocal_())
+    return xt.view(B, L), w.view(B, L, K)
+
+
+def _latent_blocks(n_rows, K, device):
+    """Row slices of about losses.block_rows(K) rows whose sizes (but the last) are multiples of 16
+    values: torch's CPU normal_ draws in groups of 16, so the blocks draw one randn's stream."""
+    step = losses.block_rows(K, device)
+    multiple = 16 // math.gcd(K, 16)
+    step = max(step // multiple, 1) * multiple
+    return [slice(start, start + step) for start in range(0, n_rows, step)]
 
 
 class Distillation(DUOBase):
@@ -197,15 +217,25 @@ class Distillation(DUOBase):
 
 
 def shared_noise_latents(x0, gamma_t, gamma_s, vocab_size):
-    """(z_t, z_s) = argmax of alpha~ x + sigma~ eps at gamma_t and gamma_s with one shared eps (B, L, K)."""
-    ratio_t = torch.exp(-gamma_t.float() / 2)[:, None, None]  # alpha~ / sigma~ = e^{-gamma / 2}
-    ratio_s = torch.exp(-gamma_s.float() / 2)[:, None, None]
-    eps = torch.randn(*x0.shape, vocab_size, device=x0.device)
-    index = x0[..., None]
-    eps.scatter_add_(-1, index, ratio_t.expand(*x0.shape, 1).contiguous())
-    zt = eps.argmax(-1)
-    eps.scatter_add_(-1, index, (ratio_s - ratio_t).expand(*x0.shape, 1).contiguous())
-    return zt, eps.argmax(-1)
+    """(z_t, z_s) = argmax of alpha~ x + sigma~ eps at gamma_t and gamma_s with one shared eps (B, L, K).
+
+    eps is drawn block by block into one reused (rows, K) buffer: nothing of size (B, L, K).
+    """
+    (B, L), K = x0.shape, vocab_size
+    ratio_t = torch.exp(-gamma_t.float() / 2).repeat_interleave(L)[:, None]  # alpha~ / sigma~ = e^{-gamma / 2}
+    ratio_s = torch.exp(-gamma_s.float() / 2).repeat_interleave(L)[:, None]
+    ids = x0.reshape(-1, 1)
+    zt = torch.empty(B * L, dtype=torch.long, device=x0.device)
+    zs = torch.empty_like(zt)
+    blocks = _latent_blocks(B * L, K, x0.device)
+    buffer = torch.empty(blocks[0].stop - blocks[0].start, K, device=x0.device)
+    for sel in blocks:
+        eps = buffer[:ids[sel].shape[0]].normal_()
+        eps.scatter_add_(1, ids[sel], ratio_t[sel])
+        zt[sel] = eps.argmax(-1)
+        eps.scatter_add_(1, ids[sel], ratio_s[sel] - ratio_t[sel])
+        zs[sel] = eps.argmax(-1)
+    return zt.view(B, L), zs.view(B, L)
 
 
 ALGORITHMS = {'ar': AR, 'mdlm': MDLM, 'duo_base': DUOBase, 'duo': DUO, 'distillation': Distillation}
