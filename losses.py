@@ -42,13 +42,22 @@ def ar_nll(logits: torch.Tensor, x0: torch.Tensor, excluded_id: int | None = Non
 
 def mdlm_loss(logits: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, alpha_t: torch.Tensor,
               dalpha_t: torch.Tensor, mask_id: int, reuse_logits: bool = False) -> torch.Tensor:
-    """Continuous-time MDLM NELBO per token, SUBS parameterisation (SPEC §4).
+    """Continuous-time MDLM NELBO per token, SUBS parameterisation (SPEC §4), float32 (B, L).
 
     l = alpha'_t / (1 - alpha_t) * log x_theta[x0] at masked positions, 0 elsewhere (unmasked
     positions copy their input, so they cost nothing: their softmax is never computed). The
-    [MASK] logit is -inf.
+    [MASK] logit is -inf. logits: (B, L, K), or (n, K) for the n masked positions only, in
+    row-major order (DiT(..., output_rows=xt == mask_id): the network skips the other rows).
     """
     masked = xt == mask_id
+    if logits.dim() == 2:
+        if logits.shape[0] != int(masked.sum()):
+            raise ValueError(f'{logits.shape[0]} rows of logits for {int(masked.sum())} masked positions: pass '
+                             'all (B, L, K) logits or those of the masked positions (output_rows=xt == mask_id)')
+        log_z, _, picked = _stats(logits, excluded_id=mask_id, ids=x0[masked][:, None], reuse=reuse_logits)
+        weight = _at_least_f32(dalpha_t / (1 - alpha_t)).expand(x0.shape)[masked]
+        values = weight * (picked[:, 0] - log_z)
+        return values.new_zeros(x0.shape).masked_scatter(masked, values)
     log_z, _, picked = _stats(logits, excluded_id=mask_id, ids=x0[..., None], rows=masked, reuse=reuse_logits)
     log_p_x0 = picked[..., 0] - log_z
     weight = _at_least_f32(dalpha_t / (1 - alpha_t))
@@ -133,7 +142,7 @@ class _SoftmaxStats(torch.autograd.Function):
         S = torch.zeros_like(log_z)
         active = None if rows is None else rows.reshape(-1).nonzero().squeeze(1)
         buf = _buffer(flat, dtype)
-        for sel, src in _blocks(flat, active):
+        for sel, src in _blocks(flat, active, _buffer(flat, flat.dtype) if active is not None else None):
             w = buf[:src.shape[0]]
             m = _row_max(src, excluded_id).to(dtype)
             torch.sub(src, m, out=w)
@@ -165,13 +174,15 @@ class _SoftmaxStats(torch.autograd.Function):
             idle[active] = False
             grad.index_fill_(0, idle.nonzero().squeeze(1), 0)
         p_buf, r_buf = _buffer(flat, dtype), _buffer(flat, dtype) if ctx.with_s else None
-        for sel, src in _blocks(flat, active):
+        # selected rows: gathered into, and their gradient staged in, one reused buffer
+        rows_buf = _buffer(flat, flat.dtype) if active is not None else None
+        for sel, src in _blocks(flat, active, rows_buf):
             n = src.shape[0]
             p = torch.sub(src, log_z[sel, None], out=p_buf[:n])
             if ctx.excluded_id is not None:
                 p[:, ctx.excluded_id] = float('-inf')
             p.exp_()
-            out = grad[sel] if active is None else torch.empty((n, K), dtype=grad.dtype, device=grad.device)
+            out = grad[sel] if active is None else rows_buf[:n]
             if not ctx.with_s:
                 torch.mul(p, g_z[sel], out=out)
             else:  # grad = p (g_z - g_s Q) + g_s a p / f
@@ -197,8 +208,9 @@ def _buffer(flat: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return flat.new_empty((min(block_rows(K, flat.device), max(flat.shape[0], 1)), K), dtype=dtype)
 
 
-def _blocks(flat: torch.Tensor, active: torch.Tensor | None):
-    """(rows selector, (n, K) rows) over all rows (slices: views) or the `active` row indices (copies)."""
+def _blocks(flat: torch.Tensor, active: torch.Tensor | None, gather_buf: torch.Tensor | None = None):
+    """(rows selector, (n, K) rows) over all rows (slices: views) or the `active` row indices
+    (copied into gather_buf, a (block rows, K) buffer of flat's dtype)."""
     step = block_rows(flat.shape[1], flat.device)
     if active is None:
         for start in range(0, flat.shape[0], step):
@@ -207,7 +219,7 @@ def _blocks(flat: torch.Tensor, active: torch.Tensor | None):
     else:
         for start in range(0, active.shape[0], step):
             sel = active[start:start + step]
-            yield sel, flat.index_select(0, sel)
+            yield sel, torch.index_select(flat, 0, sel, out=gather_buf[:sel.shape[0]])
 
 
 def _row_max(rows: torch.Tensor, excluded_id: int | None) -> torch.Tensor:

@@ -155,7 +155,7 @@ def _storage_uses(t: torch.Tensor) -> int:
     return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
 
 
-def reusable_buffer(name: str, shape, dtype=torch.float32, device='cpu') -> torch.Tensor:
+def reusable_buffer(name: str, shape, dtype=torch.float32, device='cpu', capacity: int = 0) -> torch.Tensor:
     """An uninitialised tensor `shape` for `name`, the same memory from call to call on the CPU.
 
     Large fresh CPU allocations are page-faulted in again at every training step (for a
@@ -164,14 +164,16 @@ def reusable_buffer(name: str, shape, dtype=torch.float32, device='cpu') -> torc
     only once nothing else refers to it any more (every tensor handed out, view, alias or
     autograd reference dropped); otherwise a new buffer replaces it. What is handed out is a
     plain tensor on that memory, not a view, so autograd treats it like any fresh tensor.
+    Sizes that vary from call to call share one allocation of at least `capacity` elements.
     """
     device = torch.device(device)
     shape = tuple(shape)
     if device.type != 'cpu':
         return torch.empty(shape, dtype=dtype, device=device)
     entry = _REUSABLE.get(name)
-    if entry is None or entry[0].shape != shape or entry[0].dtype != dtype or _storage_uses(entry[0]) != entry[1]:
-        buffer = torch.empty(shape, dtype=dtype, device=device)
+    if (entry is None or entry[0].numel() < math.prod(shape) or entry[0].dtype != dtype
+            or _storage_uses(entry[0]) != entry[1]):
+        buffer = torch.empty(max(math.prod(shape), capacity), dtype=dtype, device=device)
         entry = _REUSABLE[name] = (buffer, _storage_uses(buffer))
     return torch.empty(0, dtype=dtype, device=device).set_(entry[0].untyped_storage(), 0, shape)
 
@@ -180,9 +182,10 @@ class _LinearIntoBuffer(torch.autograd.Function):
     """F.linear(h, weight, bias) computed into a reusable_buffer; the same gradients as F.linear."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias):
+    def forward(ctx, h, weight, bias, capacity_rows):
         rows = h.reshape(-1, h.shape[-1])
-        out = reusable_buffer('dit.logits', (*h.shape[:-1], weight.shape[0]), h.dtype, h.device)
+        out = reusable_buffer('dit.logits', (*h.shape[:-1], weight.shape[0]), h.dtype, h.device,
+                              capacity=capacity_rows * weight.shape[0])
         torch.addmm(bias, rows, weight.t(), out=out.view(rows.shape[0], weight.shape[0]))
         ctx.save_for_backward(h, weight)
         return out
@@ -194,7 +197,7 @@ class _LinearIntoBuffer(torch.autograd.Function):
         grad_h = (g @ weight).view(h.shape) if ctx.needs_input_grad[0] else None
         grad_w = g.t() @ h.reshape(-1, h.shape[-1]) if ctx.needs_input_grad[1] else None
         grad_b = g.sum(0) if ctx.needs_input_grad[2] else None
-        return grad_h, grad_w, grad_b
+        return grad_h, grad_w, grad_b, None
 
 
 class LayerNorm(nn.Module):
@@ -297,15 +300,19 @@ class DiTFinalLayer(nn.Module):
         self.linear = _zero_linear(dim, vocab_size)
         self.adaLN_modulation = _zero_linear(cond_dim, 2 * dim) if adaLN else None
 
-    def forward(self, x, c):
+    def forward(self, x, c, rows=None):
+        """Logits (B, L, K) of x (B, L, d), or (n, K) of the n positions where `rows` (B, L) is True."""
         h = self.norm_final(x)
         if self.adaLN_modulation is not None:
             shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=2)
             h = modulate(h, shift, scale)
+        positions = h.shape[0] * h.shape[1]
+        if rows is not None:
+            h = h[rows]
         if (self.training and torch.is_grad_enabled() and h.device.type == 'cpu'
                 and not torch.is_autocast_enabled('cpu') and not torch.compiler.is_compiling()):
-            # CPU training: the (B, L, K) logits go into memory reused from step to step.
-            return _LinearIntoBuffer.apply(h, self.linear.weight, self.linear.bias)
+            # CPU training: the logits go into memory reused from step to step.
+            return _LinearIntoBuffer.apply(h, self.linear.weight, self.linear.bias, positions)
         return self.linear(h)
 
 
@@ -355,7 +362,7 @@ class DiT(nn.Module):
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None) -> torch.Tensor:
+                kv_cache: KVCache | None = None, output_rows: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, L, K) in the compute dtype (float32, or the autocast dtype).
 
         x: int ids (B, L), or float weights (B, L, K) whose rows are distributions over the
@@ -363,12 +370,16 @@ class DiT(nn.Module):
         by the non-causal model and ignored by the causal one. attention_mask: (B, L), 1 = token,
         0 = padding, masked out as keys. kv_cache (causal only): x holds the next tokens after
         the kv_cache.length cached ones; their keys/values are appended and only their logits
-        returned.
+        returned. output_rows: (B, L) bool; only the logits of those positions are computed and
+        returned, as (n, K) in row-major order (every position is still attended to).
         """
         B, L = x.shape[:2]
         start = 0 if kv_cache is None else kv_cache.length
         if kv_cache is not None:
             self._check_cache(kv_cache, L, attention_mask)
+        if output_rows is not None and (output_rows.dtype != torch.bool or output_rows.shape != (B, L)):
+            raise ValueError(f'output_rows must be a bool mask of shape {(B, L)} (the positions whose '
+                             f'logits are wanted), got {output_rows.dtype} {tuple(output_rows.shape)}')
         if x.is_floating_point() and (x.dim() != 3 or x.shape[-1] != self.vocab_size):
             raise ValueError(f'float input must be weights (B, L, K={self.vocab_size}) over the '
                              f'vocabulary, got shape {tuple(x.shape)}')
@@ -388,7 +399,7 @@ class DiT(nn.Module):
             h = block(h, c, cos, sin, layer_attend)
         if kv_cache is not None:
             kv_cache.length = start + L
-        return self.output_layer(h, c)
+        return self.output_layer(h, c, output_rows)
 
     def _check_cache(self, kv_cache, length, attention_mask):
         if not self.causal:

@@ -574,3 +574,20 @@ def test_reuse_logits_misuse_is_an_error_not_a_wrong_gradient():
     loss = losses.duo_loss(logits, x0, xt_u, alpha, dalpha, reuse_logits=True).sum()
     with pytest.raises(RuntimeError, match='modified by an inplace operation'):
         (loss + other).backward()
+
+
+def test_mdlm_loss_on_the_masked_rows_only_equals_the_full_logits():
+    x0, xt_u, xt_m, alpha, dalpha, mask_id, hidden, weight = _loss_inputs()
+    masked = xt_m == mask_id
+    results = []
+    for compact in (False, True):
+        w = weight.clone().requires_grad_(True)
+        logits = (hidden[masked] if compact else hidden) @ w
+        loss = losses.mdlm_loss(logits, x0, xt_m, alpha, dalpha, mask_id, reuse_logits=compact)
+        loss.sum().backward()
+        results.append((loss.detach(), w.grad))
+    assert results[1][0].shape == x0.shape and torch.equal(results[1][0] == 0, ~masked)
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match='masked positions'):
+        losses.mdlm_loss(hidden[masked][1:] @ weight, x0, xt_m, alpha, dalpha, mask_id)
