@@ -80,9 +80,11 @@ def load_weights(path: str) -> tuple[dict, dict | None, dict]:
     return state_dict, checkpoint.get('ema'), checkpoint
 
 
-def read_micro_step(path) -> int:
-    """Training batches a checkpoint has consumed (memory-mapped read: the weights stay on disk)."""
-    return int(torch.load(path, map_location='cpu', weights_only=False, mmap=True).get('micro_step', 0))
+def read_progress(path) -> tuple[int, int]:
+    """(optimizer steps, training batches consumed) of a checkpoint; a memory-mapped read: the
+    weights stay on disk."""
+    checkpoint = torch.load(path, map_location='cpu', weights_only=False, mmap=True)
+    return int(checkpoint.get('global_step', 0)), int(checkpoint.get('micro_step', 0))
 
 
 def check_compatible(state_dict: dict, backbone: torch.nn.Module, source: str):

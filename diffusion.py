@@ -11,6 +11,7 @@ import math
 
 import lightning as L
 import torch
+from omegaconf import OmegaConf
 
 import losses
 import noise_schedule
@@ -33,6 +34,9 @@ class AR:
         logits = module.backbone(x0, attention_mask=attention_mask)
         nll = losses.ar_nll(logits, x0, excluded_id=self.mask_id, reuse_logits=True)
         return nll, attention_mask[:, 1:]
+
+    def eval_loss(self, module, x0, attention_mask, t, step):
+        return self.loss(module, x0, attention_mask, t, step)
 
     def sample(self, module, batch_size, length, config, generator=None, progress=False):
         sampling = config.sampling
@@ -61,6 +65,10 @@ class _Diffusion:
     def sigma(self, alpha_t):
         """Network conditioning sigma_t = -log alpha_t, (B,)."""
         return -torch.log(alpha_t.reshape(-1))
+
+    def eval_loss(self, module, x0, attention_mask, t, step):
+        """Per-token validation loss: the likelihood bound (SPEC §4); for most algorithms the training loss."""
+        return self.loss(module, x0, attention_mask, t, step)
 
     def logits(self, module, xt, t):
         """Denoiser logits x_θ(z_t) (B, L, K) in the compute dtype, for the sampler; t (B,) float32."""
@@ -112,14 +120,19 @@ class DUO(DUOBase):
 
     During the curriculum z_t = argmax(w) with w = alpha~ x + sigma~ eps the Gaussian latent,
     the network sees the relaxed one-hot softmax(w / tau), and the loss is the DUO-base loss at
-    alpha_t = T(gamma_t), alpha'_t = T'(gamma_t)(gamma_max - gamma_min).
+    alpha_t = T(gamma_t), alpha'_t = T'(gamma_t)(gamma_max - gamma_min). Validation always reports
+    the exact DUO-base bound with the configured noise schedule: the curriculum loss only covers
+    the alphas of [gamma_min, gamma_max] and feeds the network more than z_t, so it bounds nothing.
     """
 
     def __init__(self, config, vocab_size, mask_id):
         super().__init__(config, vocab_size, mask_id)
         algo = config.algo
         self.curriculum = noise_schedule.GaussianCurriculum(algo.gamma_min, algo.gamma_max, vocab_size)
-        self.start, self.end = algo.curriculum_start, algo.curriculum_end
+        self.start, self.end = int(algo.curriculum_start), int(algo.curriculum_end)
+        if not 0 <= self.start <= self.end:
+            raise ValueError(f"algo.curriculum_start={algo.curriculum_start} and algo.curriculum_end={algo.curriculum_end} "
+                             f"must satisfy 0 <= start <= end (e.g. algo.curriculum_start=0 algo.curriculum_end=500000)")
         self.log10_tau_start, self.log10_tau_end = algo.gumbel_tau_log10_start, algo.gumbel_tau_log10_end
 
     def tau(self, step):
@@ -133,12 +146,15 @@ class DUO(DUOBase):
     def loss(self, module, x0, attention_mask, t, step):
         if not self.in_curriculum(step):
             return super().loss(module, x0, attention_mask, t, step)
-        gamma = noise_schedule.gamma_schedule(t, self.curriculum.gamma_min, self.curriculum.gamma_max)
+        gamma = self.curriculum.gamma(t)
         alpha, dalpha = self.curriculum.alpha(t)[:, None], self.curriculum.dalpha(t)[:, None]
         xt, weights = relaxed_gaussian_latent(x0, gamma, self.vocab_size, self.tau(step))
         logits = module.backbone(weights, self.sigma(alpha), attention_mask=attention_mask)
         del weights
         return losses.duo_loss(logits, x0, xt, alpha, dalpha, reuse_logits=True), attention_mask
+
+    def eval_loss(self, module, x0, attention_mask, t, step):
+        return DUOBase.loss(self, module, x0, attention_mask, t, step)
 
 
 def relaxed_gaussian_latent(x0, gamma, vocab_size, tau):
@@ -179,42 +195,59 @@ def _latent_blocks(n_rows, K, device):
 class Distillation(DUOBase):
     """Discrete Consistency Distillation (SPEC §5, DUO paper Alg. 1).
 
-    The teacher (a frozen copy of the student, or its EMA) sees z_s, the student z_t, both the
-    argmax of Gaussian latents sharing one eps; the student matches the teacher's prediction.
+    The teacher (a frozen snapshot of the student, or of its EMA, taken at the start of every round
+    of `update_teacher_every` steps; held by the Lightning module) sees z_s, the student z_t, both
+    the argmax of Gaussian latents sharing one eps; the student matches the teacher's prediction.
+    Validation reports the exact DUO-base bound of the student (the KL to the teacher bounds nothing).
     """
 
     def __init__(self, config, vocab_size, mask_id):
         super().__init__(config, vocab_size, mask_id)
         algo = config.algo
         self.curriculum = noise_schedule.GaussianCurriculum(algo.gamma_min, algo.gamma_max, vocab_size)
-        self.T, self.every = algo.T, algo.update_teacher_every
-        self.linear_growth = algo.linear_growth_dt
-        self.growth_min, self.growth_max = algo.linear_growth_min, algo.linear_growth_max
+        self.T, self.every = int(algo.T), int(algo.update_teacher_every)
+        if self.T < 1:
+            raise ValueError(f"algo.T={algo.T} must be >= 1 (e.g. algo.T=512)")
+        if self.every < 1:
+            raise ValueError(f"algo.update_teacher_every={algo.update_teacher_every} must be >= 1 "
+                             f"(e.g. algo.update_teacher_every=10000)")
+        self.teacher_ema = bool(algo.teacher_ema)
+        self.linear_growth = bool(algo.linear_growth_dt)
+        self.growth_min, self.growth_max = float(algo.linear_growth_min), float(algo.linear_growth_max)
+        if self.linear_growth and not 0 < self.growth_min <= self.growth_max <= 1:
+            raise ValueError(f"algo.linear_growth_min={algo.linear_growth_min} and algo.linear_growth_max="
+                             f"{algo.linear_growth_max} must satisfy 0 < min <= max <= 1 "
+                             f"(e.g. algo.linear_growth_min=0.001 algo.linear_growth_max=0.25)")
         if algo.loss_type not in ('kl-bwd', 'kl-fwd'):
-            raise ValueError(f"algo.loss_type={algo.loss_type!r} is unknown; use kl-bwd or kl-fwd")
+            raise ValueError(f"algo.loss_type={algo.loss_type!r} is unknown; use kl-bwd or kl-fwd (e.g. algo.loss_type=kl-bwd)")
         self.loss_type = algo.loss_type
-        self.max_steps = config.trainer.max_steps
+        self.max_steps = int(config.trainer.max_steps)
+
+    def round(self, step):
+        """Distillation round of an optimizer step: the teacher is refreshed when it changes."""
+        return step // self.every
 
     def delta(self, step):
-        """Distillation step size: 2^round / T (round = step // update_teacher_every), or linear growth."""
+        """Distillation step size: 2^round / T, or linear growth from min to max over trainer.max_steps."""
         if self.linear_growth:
             frac = min(step / max(self.max_steps, 1), 1.0)
             return self.growth_min + frac * (self.growth_max - self.growth_min)
-        return min(2 ** (step // self.every) / self.T, 1.0)
+        return min(2 ** self.round(step) / self.T, 1.0)
 
     def loss(self, module, x0, attention_mask, t, step):
         dt = self.delta(step)
         t = (t + dt).clamp(0, 1)
         s = t - dt
         g = self.curriculum
-        gamma_t = noise_schedule.gamma_schedule(t, g.gamma_min, g.gamma_max)
-        gamma_s = noise_schedule.gamma_schedule(s, g.gamma_min, g.gamma_max)
-        zt, zs = shared_noise_latents(x0, gamma_t, gamma_s, self.vocab_size)
+        zt, zs = shared_noise_latents(x0, g.gamma(t), g.gamma(s), self.vocab_size)
         alpha_t, alpha_s = g.alpha(t)[:, None], g.alpha(s)[:, None]
         student = module.backbone(zt, self.sigma(alpha_t), attention_mask=attention_mask)
         with torch.no_grad():
             teacher = module.teacher(zs, self.sigma(alpha_s), attention_mask=attention_mask)
         return losses.distillation_kl(student, teacher, self.loss_type), attention_mask
+
+    def eval_loss(self, module, x0, attention_mask, t, step):
+        return DUOBase.loss(self, module, x0, attention_mask, t, step)
 
 
 def shared_noise_latents(x0, gamma_t, gamma_s, vocab_size):
@@ -261,9 +294,16 @@ class Diffusion(L.LightningModule):
         self.algo = ALGORITHMS[config.algo.name](config, vocab_size, mask_id)
         self.backbone = make_backbone(config, vocab_size, self.algo.causal)
         self.ema = EMA(self.backbone.parameters(), config.training.ema) if config.training.ema > 0 else None
-        self._teacher = None  # Distillation: not a registered submodule, so stored once (see on_save_checkpoint)
-        self._teacher_round = -1
+        if isinstance(self.algo, Distillation) and self.algo.teacher_ema and self.ema is None:
+            raise ValueError(f"algo.teacher_ema=true needs an EMA of the student but training.ema={config.training.ema}: "
+                             f"set training.ema (e.g. training.ema=0.999) or algo.teacher_ema=false")
+        # Distillation's teacher: deliberately not a registered submodule, so that it is neither in
+        # state_dict (on_save_checkpoint stores it once, and only when a resume needs it), nor
+        # optimised, nor switched to train mode by Lightning.
+        self._teacher = None
+        self._teacher_round = -1  # the round whose snapshot the teacher holds; -1: none yet
         self.micro_step = 0   # training batches seen; seeds the noise so that resumes are exact
+        self._curriculum_over_logged = False
         self.valid_metric = NLLMetric()
 
     # ---- helpers -------------------------------------------------------------------------
@@ -272,16 +312,29 @@ class Diffusion(L.LightningModule):
         precision = str(self.trainer.precision) if self._trainer is not None else '32'
         return {'bf16-mixed': torch.bfloat16, '16-mixed': torch.float16}.get(precision, torch.float32)
 
+    # ---- distillation teacher ------------------------------------------------------------
     @property
     def teacher(self):
         return self._teacher
 
-    def refresh_teacher(self):
-        """Teacher = frozen copy of the student (or of its EMA with algo.teacher_ema=true)."""
-        teacher = copy.deepcopy(self.backbone).requires_grad_(False).eval()
-        if self.config.algo.teacher_ema and self.ema is not None:
-            self.ema.copy_to(teacher.parameters())
-        object.__setattr__(self, '_teacher', teacher)  # bypass nn.Module registration
+    def _ensure_teacher(self):
+        """The teacher module (created on first use as a frozen, eval-mode copy of the backbone), on
+        the backbone's device and dtype: Lightning moves only registered modules."""
+        if self._teacher is None:
+            object.__setattr__(self, '_teacher', copy.deepcopy(self.backbone).requires_grad_(False).eval())
+        ref = next(self.backbone.parameters())
+        if next(self._teacher.parameters()).device != ref.device or next(self._teacher.parameters()).dtype != ref.dtype:
+            self._teacher.to(device=ref.device, dtype=ref.dtype)
+        return self._teacher
+
+    @torch.no_grad()
+    def refresh_teacher(self, distill_round):
+        """Teacher <- the student's current weights (or its EMA with algo.teacher_ema=true)."""
+        teacher = self._ensure_teacher()
+        source = self.ema.shadow_params if self.algo.teacher_ema else list(self.backbone.parameters())
+        for dst, src in zip(teacher.parameters(), source):
+            dst.copy_(src)
+        self._teacher_round = distill_round
 
     def _rank_world(self):
         if self._trainer is None:
@@ -293,9 +346,10 @@ class Diffusion(L.LightningModule):
         return noise_schedule.stratified_times(batch_size, self.config.training.sampling_eps, rank, world,
                                                device=self.device)
 
-    def _loss(self, batch, step):
+    def _loss(self, batch, step, train=True):
         x0, mask = batch['input_ids'], batch['attention_mask']
-        per_token, weight = self.algo.loss(self, x0, mask, self._times(x0.shape[0]), step)
+        loss_fn = self.algo.loss if train else self.algo.eval_loss
+        per_token, weight = loss_fn(self, x0, mask, self._times(x0.shape[0]), step)
         return per_token, weight.to(per_token.dtype)
 
     # ---- training ------------------------------------------------------------------------
@@ -305,18 +359,29 @@ class Diffusion(L.LightningModule):
         rank, world = self._rank_world()
         torch.manual_seed((self.config.seed * 1_000_003 + self.micro_step * world + rank) % 2**63)
         if isinstance(self.algo, Distillation):
-            distill_round = self.global_step // self.algo.every
+            distill_round = self.algo.round(self.global_step)
             if distill_round != self._teacher_round:
-                self.refresh_teacher()
-                self._teacher_round = distill_round
+                self.refresh_teacher(distill_round)
+                log.info('Distillation round %d from step %d: teacher refreshed, delta = %.6g', distill_round,
+                         self.global_step, self.algo.delta(self.global_step))
+            self._ensure_teacher()
 
     def training_step(self, batch, batch_idx):
         per_token, weight = self._loss(batch, self.global_step)
         loss = (per_token * weight).sum() / weight.sum()
         self.micro_step += 1
         self.log('train/loss', loss.detach(), prog_bar=True, sync_dist=False)
-        if isinstance(self.algo, DUO) and self.algo.in_curriculum(self.global_step):
-            self.log('train/tau', self.algo.tau(self.global_step))
+        if isinstance(self.algo, DUO):
+            # Logged at every step (Lightning would otherwise repeat the last value): after the
+            # curriculum, 0, the limit tau -> 0 in which softmax(w / tau) is the one-hot z_t.
+            in_curriculum = self.algo.in_curriculum(self.global_step)
+            self.log('train/tau', self.algo.tau(self.global_step) if in_curriculum else 0.0)
+            if not in_curriculum and not self._curriculum_over_logged:
+                log.info('Curriculum over (step %d >= algo.curriculum_end=%d): training with the exact DUO-base loss',
+                         self.global_step, self.algo.end)
+                self._curriculum_over_logged = True
+        if isinstance(self.algo, Distillation):
+            self.log('train/delta', self.algo.delta(self.global_step))
         return loss
 
     def on_before_zero_grad(self, optimizer):
@@ -340,7 +405,7 @@ class Diffusion(L.LightningModule):
             self._ema_ctx.__enter__()
 
     def validation_step(self, batch, batch_idx):
-        per_token, weight = self._loss(batch, self.global_step)
+        per_token, weight = self._loss(batch, self.global_step, train=False)
         self.valid_metric.update(per_token * weight, weight)
 
     def on_validation_epoch_end(self):
@@ -363,23 +428,29 @@ class Diffusion(L.LightningModule):
         if self.ema is not None:
             checkpoint['ema'] = self.ema.state_dict()
         checkpoint['micro_step'] = self.micro_step
-        if self._teacher is not None:
+        checkpoint['model_config'] = OmegaConf.to_container(self.config.model, resolve=True)
+        # The teacher is a snapshot of the student (or EMA) at its round's first step, stored nowhere
+        # else. A checkpoint at a round boundary does not need it: the resumed run takes a fresh
+        # snapshot at its first step, exactly as the uninterrupted run does.
+        if self._teacher is not None and isinstance(self.algo, Distillation) \
+                and self.algo.round(self.global_step) == self._teacher_round:
             checkpoint['teacher'] = {'round': self._teacher_round, 'state_dict': self._teacher.state_dict()}
 
     def on_load_checkpoint(self, checkpoint):
         if self.ema is not None and 'ema' in checkpoint:
             self.ema.load_state_dict(checkpoint['ema'])
         self.micro_step = checkpoint.get('micro_step', 0)
-        if 'teacher' in checkpoint and isinstance(self.algo, Distillation):
-            self.refresh_teacher()
-            self._teacher.load_state_dict(checkpoint['teacher']['state_dict'])
-            self._teacher_round = checkpoint['teacher']['round']
+        if isinstance(self.algo, Distillation):
+            self._teacher_round = -1  # no stored teacher: the first training step takes a new snapshot
+            if 'teacher' in checkpoint:
+                self._ensure_teacher().load_state_dict(checkpoint['teacher']['state_dict'])
+                self._teacher_round = checkpoint['teacher']['round']
 
     def on_fit_start(self):
         if self.ema is not None:
             self.ema.to(self.device)
         if self._teacher is not None:
-            self._teacher.to(self.device)
+            self._ensure_teacher()
 
 
 def lr_lambda(config):

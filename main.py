@@ -147,32 +147,87 @@ def adopt_model_settings(config, hf_config: dict, path: str):
              *(settings[k] for k in ('hidden_size', 'cond_dim', 'n_blocks', 'n_heads')))
 
 
-def load_finetune(model, path):
-    """Start training from the (EMA) weights of a trained checkpoint, e.g. for distillation."""
+def read_finetune(config):
+    """(backbone state_dict, EMA state or None) of training.finetune_path: our .ckpt, or a Hugging
+    Face directory / hub id as released (EMA applied), whose config.json also gives the model sizes
+    (so no model= override is needed)."""
     import checkpoints
-    state_dict, ema_state, _ = checkpoints.load_weights(path)
-    checkpoints.check_compatible(state_dict, model.backbone, f"training.finetune_path={path}")
-    model.backbone.load_state_dict(state_dict)
+    path = str(config.training.finetune_path)
+    if not (Path(path).exists() or checkpoints.is_hf_reference(path)):
+        raise ConfigError(f"training.finetune_path={path} does not exist: pass the trained model to start from "
+                          f"(e.g. training.finetune_path=outputs/owt/duo-small-L1024/checkpoints/last.ckpt)")
+    state_dict, ema_state, meta = checkpoints.load_weights(path)
+    if 'hf_config' in meta:
+        adopt_model_settings(config, meta['hf_config'], path)
+    return state_dict, ema_state
+
+
+def load_finetune(model, state_dict, ema_state, path):
+    """Start training (not a resume) from trained weights, e.g. to distil a DUO model: the EMA
+    weights of the checkpoint when it has them, else its weights. The backbone and its EMA both
+    begin there; optimizer, step count and data order start afresh."""
+    import checkpoints
+    source = f"training.finetune_path={path}"
+    checkpoints.check_compatible(state_dict, model.backbone, source)
     if ema_state is not None:
-        from ema import EMA
-        EMA(model.backbone.parameters(), 0).load_state_dict(ema_state)  # shape check
-        with torch.no_grad():
-            for p, s in zip(model.backbone.parameters(), ema_state['shadow_params']):
-                p.copy_(s)
+        names = [name for name, _ in model.backbone.named_parameters()]
+        if len(names) != len(ema_state['shadow_params']):
+            raise checkpoints.CheckpointError(f"{source}: its EMA has {len(ema_state['shadow_params'])} tensors for "
+                                              f"{len(names)} parameters: the checkpoint is damaged")
+        state_dict = {**state_dict, **dict(zip(names, ema_state['shadow_params']))}
+        checkpoints.check_compatible(state_dict, model.backbone, f"{source} (its EMA)")
+    model.backbone.load_state_dict(state_dict)
     if model.ema is not None:
         model.ema.shadow_params = [p.detach().clone() for p in model.backbone.parameters()]
-    log.info('Initialised the weights from %s', path)
+    log.info('Initialised the weights from %s (%s weights)', path, 'EMA' if ema_state is not None else 'its')
 
 
-def build_trainer(config, run_dir: Path, for_training: bool):
+def run_history_logger(run_dir: Path, resume_step: int):
+    """CSV log of the whole run in <run dir>/logs/metrics.csv, continued across resumes.
+
+    Lightning's CSVLogger deletes an existing metrics.csv; a resumed run keeps the rows of the
+    steps its checkpoint had reached and drops the later ones (they are trained again).
+    """
+    import csv
+    from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+    class ContinuedWriter(ExperimentWriter):
+        def _check_log_dir_exists(self):
+            if not os.path.isfile(self.metrics_file_path):
+                return
+            with open(self.metrics_file_path, newline='') as f:
+                rows = [r for r in csv.DictReader(f) if int(r.get('step') or 0) < resume_step]
+                keys = sorted(set().union(*rows)) if rows else []
+            self.metrics_keys = keys
+            from checkpoints import atomic_write
+            atomic_write(self.metrics_file_path, lambda f: _write_rows(f, keys, rows), mode='w')
+
+    class RunLogger(CSVLogger):
+        @property
+        def experiment(self):
+            if self._experiment is None:
+                self._experiment = ContinuedWriter(log_dir=self.log_dir)
+            return self._experiment
+
+    return RunLogger(run_dir, name='logs', version='')
+
+
+def _write_rows(f, keys, rows):
+    import csv
+    writer = csv.DictWriter(f, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(rows)
+
+
+def build_trainer(config, run_dir: Path, for_training: bool, resume_step: int = 0):
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.loggers import CSVLogger
     from checkpoints import AtomicCheckpointIO
 
     t = config.trainer
-    loggers = [CSVLogger(run_dir, name='logs', version='')]
-    if config.wandb.enabled or config.wandb.get('offline', False):
+    loggers = [run_history_logger(run_dir, resume_step)] if for_training else []
+    if for_training and config.wandb.enabled or config.wandb.get('offline', False):
         from lightning.pytorch.loggers import WandbLogger
         loggers.append(WandbLogger(project=config.wandb.project, name=config.wandb.name, save_dir=str(run_dir),
                                    offline=bool(config.wandb.get('offline', False))))
@@ -182,7 +237,10 @@ def build_trainer(config, run_dir: Path, for_training: bool):
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename='step-{step}', auto_insert_metric_name=False,
                                          every_n_train_steps=int(config.checkpointing.every_n_train_steps),
                                          save_top_k=int(config.checkpointing.keep_last), monitor='step',
-                                         mode='max', save_last=True))
+                                         mode='max', save_last=True,
+                                         # last.ckpt is always overwritten: a resume (or main.py's own
+                                         # save when stopped early) must never leave it stale beside last-v1.ckpt
+                                         enable_version_counter=False))
     strategy = config.strategy.name
     if strategy == 'ddp':
         from lightning.pytorch.strategies import DDPStrategy
@@ -200,7 +258,7 @@ def build_trainer(config, run_dir: Path, for_training: bool):
         check_val_every_n_epoch=None if isinstance(val_interval, int) else t.check_val_every_n_epoch,
         limit_train_batches=t.limit_train_batches, limit_val_batches=t.limit_val_batches,
         log_every_n_steps=t.log_every_n_steps, num_sanity_val_steps=t.num_sanity_val_steps if for_training else 0,
-        logger=loggers, callbacks=callbacks, plugins=[AtomicCheckpointIO()], default_root_dir=run_dir,
+        logger=loggers or False, callbacks=callbacks, plugins=[AtomicCheckpointIO()], default_root_dir=run_dir,
         use_distributed_sampler=False, enable_checkpointing=for_training, enable_model_summary=for_training)
 
 
@@ -217,21 +275,29 @@ def write_json(path, payload):
 def train(config, run_dir: Path):
     import dataloader
     tokenizer = dataloader.get_tokenizer(config)
-    train_loader, valid_loader = dataloader.get_dataloaders(config, tokenizer)
-    model = build_model(config, tokenizer)
     last = Path(config.checkpointing.save_dir) / 'checkpoints' / 'last.ckpt'
     ckpt_path = str(last) if config.checkpointing.resume and last.exists() else None
+    resume_step = 0
+    finetune = None
+    if not ckpt_path and config.training.finetune_path:  # read first: a released config sets the model sizes
+        finetune = read_finetune(config)
+    elif config.algo.name == 'distillation' and not ckpt_path:
+        log.warning('algo=distillation without training.finetune_path distils an untrained model; '
+                    'pass training.finetune_path=<the trained DUO checkpoint>')
+    train_loader, valid_loader = dataloader.get_dataloaders(config, tokenizer)
+    model = build_model(config, tokenizer)
     if ckpt_path:
         import checkpoints
+        resume_step, micro_step = checkpoints.read_progress(ckpt_path)
         # Continue the data stream after the batches the checkpoint has already trained on.
-        train_loader.batch_sampler.start = checkpoints.read_micro_step(ckpt_path)
-        log.info('Resuming from %s (after %d batches)', ckpt_path, train_loader.batch_sampler.start)
-    elif config.training.finetune_path:
-        load_finetune(model, config.training.finetune_path)
-    trainer = build_trainer(config, run_dir, for_training=True)
+        train_loader.batch_sampler.start = micro_step
+        log.info('Resuming from %s (step %d, after %d batches)', ckpt_path, resume_step, micro_step)
+    elif finetune is not None:
+        load_finetune(model, *finetune, str(config.training.finetune_path))
+    trainer = build_trainer(config, run_dir, for_training=True, resume_step=resume_step)
     trainer.fit(model, train_loader, valid_loader, ckpt_path=ckpt_path)
-    if trainer.global_step < int(config.trainer.max_steps):  # stopped early (max_time, interrupt): keep the state
-        trainer.save_checkpoint(last)
+    trainer.save_checkpoint(last)  # the final state: ModelCheckpoint saves only every_n_train_steps
+    if trainer.global_step < int(config.trainer.max_steps):  # stopped early (trainer.max_time)
         log.info('Stopped at step %d; saved %s (run the same command again to resume)', trainer.global_step, last)
 
 
@@ -270,8 +336,8 @@ def sample_eval(config, run_dir: Path):
               'checkpoint': str(config.eval.checkpoint_path)}
     if config.eval.compute_generative_perplexity:
         judge = metrics.GenerativePerplexity(config.eval.gen_ppl_eval_model_name_or_path, device=device,
-                                             batch_size=int(config.eval.perplexity_batch_size))
-        result['generative_ppl'] = judge.compute(texts, eos_token=tokenizer.eos_token)
+                                             batch_size=int(config.eval.perplexity_batch_size), tokenizer=tokenizer)
+        result['generative_ppl'] = judge.compute(texts, eos_token=tokenizer.eos_token, token_ids=samples.tolist())
     result['generated_seqs'] = texts
     for text in texts[:3]:
         print('-' * 80 + '\n' + text)

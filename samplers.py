@@ -6,7 +6,7 @@ K classes, N = number of rows (tokens) being drawn. The denoiser is passed as a 
 returns LOGITS, so that the samplers only touch the (rows, K) slices they need:
 
 - uniform-state step: per token, a three-component mixture with scalar weights (draw from x̂, keep
-  z_t, draw a uniform id). Only x̂_{z_t} (one logsumexp per row) is needed for every token; a
+  z_t, draw a uniform id). Only x̂_{z_t} (one log-softmax per row) is needed for every token; a
   draw from x̂ is needed only for the tokens that pick that component.
 - absorbing step: which masked tokens unmask does not depend on x̂, so it is decided first, and
   the network runs only on the sequences that have a token to fill (`cache=True`).
@@ -15,13 +15,16 @@ Categorical draws are Gumbel-max over the logits with noise drawn in float64 by 
 precision noise truncates the Gumbel tail and lowers sample entropy), in row chunks of bounded size.
 """
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 KINDS = ('uniform', 'absorbing')
 NOISE_REMOVAL = ('ancestral', 'greedy', 'none')
 T_MIN = 1e-5
-# Rows x K elements of one chunk of temporaries (Gumbel noise, sorted probabilities): 128 MB in float64.
-CHUNK_ELEMENTS = 1 << 24
+# Elements (rows x K) of one chunk of temporaries (Gumbel noise, log-softmax, sorted probabilities):
+# small enough to bound memory and, on CPU, to stay cheap to allocate; large on GPUs, where every
+# chunk costs kernel launches.
+CHUNK_ELEMENTS = {'cpu': 1 << 22, 'cuda': 1 << 26}
 
 
 # ---------------------------------------------------------------------------- argument checks
@@ -50,9 +53,10 @@ def time_grid(steps: int, t_min: float = T_MIN, device=None) -> torch.Tensor:
     return torch.linspace(1.0, t_min, steps + 1, dtype=torch.float64, device=device)
 
 
-def _row_chunks(n_rows: int, width: int):
-    rows = max(1, CHUNK_ELEMENTS // max(width, 1))
-    return ((start, min(start + rows, n_rows)) for start in range(0, n_rows, rows))
+def _row_chunks(n_rows: int, width: int, device) -> list[tuple[int, int]]:
+    elements = CHUNK_ELEMENTS.get(torch.device(device).type, CHUNK_ELEMENTS['cpu'])
+    rows = max(1, elements // max(width, 1))
+    return [(start, min(start + rows, n_rows)) for start in range(0, n_rows, rows)]
 
 
 def gumbel_argmax(logits: torch.Tensor, generator=None, use_float64: bool = True) -> torch.Tensor:
@@ -64,7 +68,7 @@ def gumbel_argmax(logits: torch.Tensor, generator=None, use_float64: bool = True
     dtype = torch.float64 if use_float64 else torch.float32
     info = torch.finfo(dtype)
     out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
-    for start, end in _row_chunks(logits.shape[0], logits.shape[1]):
+    for start, end in _row_chunks(logits.shape[0], logits.shape[1], logits.device):
         noise = torch.empty((end - start, logits.shape[1]), dtype=dtype, device=logits.device)
         noise.uniform_(generator=generator).clamp_(info.tiny, 1 - info.eps).log_().neg_().log_().neg_()
         out[start:end] = noise.add_(logits[start:end]).argmax(-1)
@@ -87,7 +91,7 @@ def nucleus_filter_(logits: torch.Tensor, p_nucleus: float) -> torch.Tensor:
     check_p_nucleus(p_nucleus)
     if p_nucleus == 1:
         return logits
-    for start, end in _row_chunks(logits.shape[0], logits.shape[1]):
+    for start, end in _row_chunks(logits.shape[0], logits.shape[1], logits.device):
         chunk = logits[start:end]
         probs = chunk.float().softmax(-1)
         ranked = probs.sort(dim=-1, descending=True).values
@@ -98,11 +102,18 @@ def nucleus_filter_(logits: torch.Tensor, p_nucleus: float) -> torch.Tensor:
     return logits
 
 
-def _row_logsumexp(logits: torch.Tensor) -> torch.Tensor:
-    """logits (N, K) any float dtype -> (N,) float64 log-normaliser, computed in float32 chunks."""
+def neg_log_prob_at(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """-log softmax(logits)[ids] per row: logits (N, K) any float dtype, ids (N,) -> (N,) float64.
+
+    Cross-entropy in row chunks of at least float32: its fused log-softmax kernel reads each row
+    twice, which is cheaper than a separate max / exp / sum (and it handles -inf logits).
+    """
     out = torch.empty(logits.shape[0], dtype=torch.float64, device=logits.device)
-    for start, end in _row_chunks(logits.shape[0], logits.shape[1]):
-        out[start:end] = torch.logsumexp(logits[start:end].float(), dim=-1)
+    for start, end in _row_chunks(logits.shape[0], logits.shape[1], logits.device):
+        chunk = logits[start:end]
+        if chunk.dtype not in (torch.float32, torch.float64):
+            chunk = chunk.float()
+        out[start:end] = F.cross_entropy(chunk, ids[start:end], reduction='none')
     return out
 
 
@@ -121,7 +132,7 @@ def uniform_step(z: torch.Tensor, logits: torch.Tensor, alpha_t: float, alpha_s:
     flat = logits.reshape(B * L, K)
     nucleus_filter_(flat, p_nucleus)
     ids = z.reshape(-1)
-    x_at_z = torch.exp(flat.gather(1, ids[:, None]).squeeze(1).double() - _row_logsumexp(flat))
+    x_at_z = torch.exp(-neg_log_prob_at(flat, ids))
     alpha_ts = alpha_t / alpha_s
     w_x = alpha_s - alpha_t
     w_keep = K * alpha_t * x_at_z + (alpha_ts - alpha_t)

@@ -12,6 +12,7 @@ caching decided for the whole batch, AR recomputing the whole prefix for every t
 """
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -177,40 +178,43 @@ def main(argv=None):
     parser.add_argument('--length', type=int, default=256)
     parser.add_argument('--batch', type=int, default=4)
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--threads', type=int, default=0, help='torch CPU threads (0: torch default)')
     parser.add_argument('--no-naive', action='store_true', help='skip the upstream-style reference')
     parser.add_argument('--out', type=Path, default=ROOT / 'bench' / 'results')
     args = parser.parse_args(argv)
     args.device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
-    rows = []
+    device_name = torch.cuda.get_device_name(args.device) if args.device.type == 'cuda' else platform.processor() or 'cpu'
+    record = {'date': datetime.now(timezone.utc).isoformat(timespec='seconds'), 'device': str(args.device),
+              'device_name': device_name, 'torch': torch.__version__, 'threads': torch.get_num_threads(),
+              'load_average_at_start': os.getloadavg()[0],  # the CPU may be shared: compare within a run
+              'preset': {k: v for k, v in vars(args).items() if k not in ('out', 'device', 'algos', 'steps')},
+              'results': []}
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"sampling-{args.device.type}-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
     header = (f"{'algo':9} {'sampler':7} {'steps':>5} {'fwd rows':>8} {'total s':>8} {'fwd s':>8} "
               f"{'outside':>8} {'overhead':>8} {'tok/s':>8} {'speed-up':>8}")
     print(header)
     print('-' * len(header))
+    kinds = ('ours',) if args.no_naive else ('ours', 'naive')
     for algo in args.algos:
         model = random_dit(args, algo == 'ar', args.device)
         warm = argparse.Namespace(**{**vars(args), 'length': min(args.length, 8)})
-        for kind in ('ours', 'naive'):  # first calls allocate and spin up thread pools: not timed
+        for kind in kinds:  # first calls allocate and spin up thread pools: not timed
             measure(kind, algo, model, warm, 1)
         for steps in ([args.length - 1] if algo == 'ar' else args.steps):
-            result = measure('ours', algo, model, args, steps)
-            rows.append(result)
-            if not args.no_naive:
-                reference = measure('naive', algo, model, args, steps)
-                result['speedup_vs_naive'] = reference['total_s'] / result['total_s']
-                rows.append(reference)
-            for r in rows[-1 if args.no_naive else -2:]:
+            results = [measure(kind, algo, model, args, steps) for kind in kinds]
+            if len(results) == 2:
+                results[0]['speedup_vs_naive'] = results[1]['total_s'] / results[0]['total_s']
+            for r in results:
                 print(f"{r['algo']:9} {r['sampler']:7} {r['steps']:5d} {r['forward_rows']:8d} {r['total_s']:8.2f} "
                       f"{r['forward_s']:8.2f} {r['outside_share']:8.1%} {r['overhead_vs_forward']:8.1%} "
                       f"{r['tokens_per_s']:8.1f} {r.get('speedup_vs_naive', float('nan')):8.2f}", flush=True)
-    device_name = torch.cuda.get_device_name(args.device) if args.device.type == 'cuda' else platform.processor() or 'cpu'
-    record = {'date': datetime.now(timezone.utc).isoformat(timespec='seconds'), 'device': str(args.device),
-              'device_name': device_name, 'torch': torch.__version__, 'threads': torch.get_num_threads(),
-              'preset': {k: v for k, v in vars(args).items() if k not in ('out', 'device', 'algos', 'steps')},
-              'results': rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"sampling-{args.device.type}-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(record, indent=2) + '\n')
+            record['results'] += results
+            record['load_average_at_end'] = os.getloadavg()[0]
+            path.write_text(json.dumps(record, indent=2) + '\n')  # after every row: a long run keeps its rows
     print(f'wrote {path}')
     return record
 

@@ -133,7 +133,7 @@ def fit(cache, steps, num_workers, ckpt_path=None, save_to=None):
     loader = dataloader._loader(dataloader.BlockDataset(cache), dataloader.TrainBatchSampler(len(cache), 4, seed=7),
                                 loader_config(num_workers=num_workers))
     if ckpt_path is not None:  # as main.py does
-        loader.batch_sampler.start = checkpoints.read_micro_step(ckpt_path)
+        loader.batch_sampler.start = checkpoints.read_progress(ckpt_path)[1]
     model = Recorder()
     trainer = L.Trainer(accelerator='cpu', devices=1, max_steps=steps, accumulate_grad_batches=2, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -150,6 +150,6 @@ def test_resume_continues_with_the_unseen_batches(tmp_path, num_workers):
     uninterrupted = fit(cache, 9, num_workers)
     assert len(uninterrupted) == 18
     first = fit(cache, 4, num_workers, save_to=tmp_path / 'last.ckpt')
-    assert checkpoints.read_micro_step(tmp_path / 'last.ckpt') == 8
+    assert checkpoints.read_progress(tmp_path / "last.ckpt")[1] == 8
     second = fit(cache, 9, num_workers, ckpt_path=tmp_path / 'last.ckpt')
     assert first + second == uninterrupted  # no repeats, no skips

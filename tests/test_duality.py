@@ -426,7 +426,7 @@ def _distillation_config(linear_growth: bool):
     return OmegaConf.create({
         'noise': {'type': 'log-linear', 'eps': 1e-3},
         'trainer': {'max_steps': 1000},
-        'algo': {'gamma_min': -3.55, 'gamma_max': -1.85, 'T': 512, 'update_teacher_every': 100,
+        'algo': {'gamma_min': -3.55, 'gamma_max': -1.85, 'T': 512, 'update_teacher_every': 100, 'teacher_ema': False,
                  'linear_growth_dt': linear_growth, 'linear_growth_min': 0.001, 'linear_growth_max': 0.25,
                  'loss_type': 'kl-bwd'}})
 

@@ -104,3 +104,107 @@ def test_sample_entropy_against_counter():
     assert metrics.sample_entropy(torch.arange(16)[None]) == pytest.approx(math.log(16))
     with pytest.raises(ValueError, match=r'\(N, L\)'):
         metrics.sample_entropy(torch.arange(4))
+
+
+# ---------------------------------------------------------------------------------------------
+# our AR models as judges: an algo=ar .ckpt, or a causal DiT saved with models.hf_format.save_hf
+def _our_ar_judge(tmp_path, length=12):
+    """A random causal DiT over the text8 vocabulary (35 ids, [MASK] = 4), saved both ways."""
+    from models.dit import DiT
+    from models.hf_format import save_hf
+    torch.manual_seed(0)
+    model = DiT(35, 32, 1, 2, 2, length, causal=True)
+    with torch.no_grad():
+        for p in model.parameters():  # the output layer starts at zero: give every weight a value
+            p.copy_(torch.randn_like(p) * 0.5)
+    shadow = [p.detach() + 0.1 for p in model.parameters()]  # the EMA weights a .ckpt judge must use
+    ckpt = tmp_path / 'ar.ckpt'
+    torch.save({'state_dict': {'backbone.' + k: v for k, v in model.state_dict().items()},
+                'ema': {'decay': 0.9, 'num_updates': 3, 'shadow_params': shadow},
+                'model_config': {'length': length}}, ckpt)
+    ema_model = DiT(35, 32, 1, 2, 2, length, causal=True)
+    ema_model.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for p, s in zip(ema_model.parameters(), shadow):
+            p.copy_(s)
+    save_hf(ema_model, tmp_path / 'ar_hf', model_type='ar')
+    return ckpt, tmp_path / 'ar_hf', ema_model.eval()
+
+
+def _reference_our_nll(model, ids, context):
+    """(NLL, targets) of one id list: [MASK] (4) dropped, cut after the first EOS (3) target,
+    windows overlapping by one, [MASK] never predicted."""
+    ids = [i for i in ids if i != 4]
+    if 3 in ids[1:]:
+        ids = ids[:ids.index(3, 1) + 1]
+    total, count, start = 0.0, 0, 0
+    while start < len(ids) - 1:
+        window = torch.tensor([ids[start:start + context]])
+        logits = model(window)[0].double()
+        logits[:, 4] = float('-inf')
+        log_p = logits.log_softmax(-1)
+        total -= sum(log_p[j, window[0, j + 1]].item() for j in range(window.shape[1] - 1))
+        count += window.shape[1] - 1
+        start += context - 1
+    return total, count
+
+
+def test_our_ar_checkpoint_as_judge_matches_a_per_text_loop(tmp_path):
+    from dataloader import Text8Tokenizer
+    tokenizer = Text8Tokenizer()
+    ckpt, hf_dir, ema_model = _our_ar_judge(tmp_path)
+    g = torch.Generator().manual_seed(1)
+    id_lists = [[2] + torch.randint(8, 35, (30,), generator=g).tolist(),            # three windows of 12
+                [2, 9, 10, 4, 11, 3, 12, 13, 14],                                    # [MASK] dropped, cut after EOS
+                [2] + torch.randint(0, 35, (20,), generator=g).tolist(),             # any specials at all
+                [10]]                                                                # nothing to score
+    texts = tokenizer.batch_decode(id_lists)
+    assert '[MASK]' in texts[1] and '[EOS]' in texts[1]
+    with torch.no_grad():
+        ref = [_reference_our_nll(ema_model, ids, 12) for ids in id_lists]
+    total, count = sum(r[0] for r in ref), sum(r[1] for r in ref)
+    assert (ref[0][1], ref[1][1], ref[3][1]) == (30, 4, 0)  # [2, 9, 10, 11, 3]: four targets
+    for path in (ckpt, hf_dir):
+        for batch_size in (1, 3):
+            judge = metrics.GenerativePerplexity(str(path), batch_size=batch_size, tokenizer=tokenizer)
+            assert judge.context == 12 and judge.excluded_id == 4
+            got_total, got_count = judge.score(texts)
+            assert got_count == count
+            assert got_total == pytest.approx(total, rel=1e-5)
+            assert judge.compute(texts) == pytest.approx(math.exp(total / count), rel=1e-5)
+            # the sampled ids themselves, exactly (a decode + text8 re-tokenization merges runs of spaces)
+            spaced = id_lists + [[2, 34, 34, 34, 10, 34, 34, 11, 3]]
+            with torch.no_grad():
+                extra = _reference_our_nll(ema_model, spaced[-1], 12)
+            assert extra[1] == 8 and judge.score(tokenizer.batch_decode(spaced[-1:]))[1] == 5
+            got_total, got_count = judge.score(tokenizer.batch_decode(spaced), token_ids=spaced)
+            assert got_count == count + 8
+            assert got_total == pytest.approx(total + extra[0], rel=1e-5)
+
+
+def test_our_judge_needs_an_ar_model_and_the_run_tokenizer(tmp_path):
+    from dataloader import Text8Tokenizer
+    from models.dit import DiT
+    ckpt, _, _ = _our_ar_judge(tmp_path)
+    with pytest.raises(ValueError, match=r"is a checkpoint of this project: scoring with it needs the run's tokenizer"):
+        metrics.GenerativePerplexity(str(ckpt))
+    diffusion_model = DiT(35, 32, 16, 1, 2, 12)
+    diff_ckpt = tmp_path / 'duo.ckpt'
+    torch.save({'state_dict': {'backbone.' + k: v for k, v in diffusion_model.state_dict().items()},
+                'model_config': {'length': 12}}, diff_ckpt)
+    with pytest.raises(ValueError, match=r'is a diffusion model: the judge must be an AR model'):
+        metrics.GenerativePerplexity(str(diff_ckpt), tokenizer=Text8Tokenizer())
+    gpt2_sized = DiT(50258, 16, 1, 1, 2, 12, causal=True)
+    big = tmp_path / 'gpt2_vocab.ckpt'
+    torch.save({'state_dict': {'backbone.' + k: v for k, v in gpt2_sized.state_dict().items()},
+                'model_config': {'length': 12}}, big)
+    with pytest.raises(ValueError, match=r"predicts 50258 ids but the run's tokenizer gives 35"):
+        metrics.GenerativePerplexity(str(big), tokenizer=Text8Tokenizer())
+
+
+def test_hugging_face_judge_still_used_for_its_own_directories(judge_dir):
+    assert not metrics.is_our_checkpoint(str(judge_dir))
+    judge = metrics.GenerativePerplexity(str(judge_dir), tokenizer=object())  # the run's tokenizer is not used
+    assert judge.excluded_id is None and judge.context == CONTEXT
+    # its own tokenizer re-tokenizes the texts: the run's token ids are not its ids
+    assert judge.score(TEXTS, token_ids=[[1, 2, 3]] * len(TEXTS)) == judge.score(TEXTS)
