@@ -6,8 +6,11 @@ samplers.py. `Diffusion` is the Lightning plumbing around them: optimisation, EM
 validation metrics and checkpoint extras.
 """
 import copy
+import importlib.util
 import logging
 import math
+import os
+import shutil
 
 import lightning as L
 import torch
@@ -277,9 +280,42 @@ ALGORITHMS = {'ar': AR, 'mdlm': MDLM, 'duo_base': DUOBase, 'duo': DUO, 'distilla
 
 def make_backbone(config, vocab_size, causal):
     m = config.model
-    return DiT(vocab_size=vocab_size, hidden_size=m.hidden_size, cond_dim=m.cond_dim, n_blocks=m.n_blocks,
-               n_heads=m.n_heads, max_length=m.length, dropout=m.dropout, causal=causal,
-               attn_backend=m.attn_backend)
+    backbone = DiT(vocab_size=vocab_size, hidden_size=m.hidden_size, cond_dim=m.cond_dim, n_blocks=m.n_blocks,
+                   n_heads=m.n_heads, max_length=m.length, dropout=m.dropout, causal=causal,
+                   attn_backend=m.attn_backend)
+    if m.get('compile', False):
+        reason = compile_unsupported(config.trainer.get('accelerator', 'auto'))
+        if reason:
+            log.warning('model.compile=true ignored: %s', reason)
+        else:
+            # The transformer blocks, where compilation fuses the normalisations, modulations,
+            # rotary embedding and gates; in place, so the state dict keeps its keys.
+            for block in backbone.blocks:
+                block.compile()
+    return backbone
+
+
+def compile_unsupported(accelerator: str) -> str | None:
+    """Why torch.compile cannot run for this accelerator (None when it can): Inductor needs a
+    C++ compiler on the CPU and Triton with compute capability >= 7.0 on CUDA GPUs."""
+    if accelerator != 'cpu' and torch.cuda.is_available():
+        capability = torch.cuda.get_device_capability()
+        if capability < (7, 0):
+            return f"{torch.cuda.get_device_name()} has compute capability {'.'.join(map(str, capability))} (< 7.0)"
+        if importlib.util.find_spec('triton') is None:
+            return 'Triton is not installed'
+        return None
+    if not any(shutil.which(c) for c in (os.environ.get('CXX', 'g++'), 'g++', 'clang++') if c):
+        return 'no C++ compiler (g++ or clang++) for the CPU'
+    return None
+
+
+def allow_tf32():
+    """float32 matmuls and convolutions in TF32 on Ampere or newer GPUs (10-bit mantissa inputs,
+    float32 accumulation: several times faster; mixed precision does not use them)."""
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 class Diffusion(L.LightningModule):
@@ -292,6 +328,7 @@ class Diffusion(L.LightningModule):
         self.config = config
         self.vocab_size, self.mask_id, self.bos_id = vocab_size, mask_id, bos_id
         self.algo = ALGORITHMS[config.algo.name](config, vocab_size, mask_id)
+        allow_tf32()
         self.backbone = make_backbone(config, vocab_size, self.algo.causal)
         self.ema = EMA(self.backbone.parameters(), config.training.ema) if config.training.ema > 0 else None
         if isinstance(self.algo, Distillation) and self.algo.teacher_ema and self.ema is None:

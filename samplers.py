@@ -62,17 +62,47 @@ def _row_chunks(n_rows: int, width: int, device) -> list[tuple[int, int]]:
 def gumbel_argmax(logits: torch.Tensor, generator=None, use_float64: bool = True) -> torch.Tensor:
     """One draw per row of softmax(logits): logits (N, K), -inf allowed -> ids (N,) int64.
 
-    argmax(logits + G) with G = -log(-log U), U ~ U(0, 1) (a standard Gumbel). U is clamped into
-    [tiny, 1 - eps] so that G is finite and a -inf logit can never win.
+    Gumbel-max in two levels, so that a row needs about 2 sqrt(K) Gumbel draws instead of K:
+    the classes are split into consecutive groups of W (the last one shorter when W does not
+    divide K); a group g is drawn by Gumbel-max over the groups' log masses log M_g (M_g = sum
+    of exp(l_j) over the group), then a class j inside it by Gumbel-max over the group's logits.
+    P(g) P(j | g) = (M_g / M)(exp(l_j) / M_g) = softmax(l)_j: the distribution of one Gumbel-max
+    over all K classes. The noise is float64 when use_float64 (low-precision noise truncates the
+    Gumbel tail and lowers sample entropy); the log masses are float32 logsumexps (a relative
+    error of about 1e-7, no truncation).
     """
+    N, K = logits.shape
     dtype = torch.float64 if use_float64 else torch.float32
-    info = torch.finfo(dtype)
-    out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
-    for start, end in _row_chunks(logits.shape[0], logits.shape[1], logits.device):
-        noise = torch.empty((end - start, logits.shape[1]), dtype=dtype, device=logits.device)
-        noise.uniform_(generator=generator).clamp_(info.tiny, 1 - info.eps).log_().neg_().log_().neg_()
-        out[start:end] = noise.add_(logits[start:end]).argmax(-1)
+    width = _group_width(K)
+    full = K // width * width
+    out = torch.empty(N, dtype=torch.long, device=logits.device)
+    for start, end in _row_chunks(N, K, logits.device):
+        rows = logits[start:end]
+        if rows.dtype not in (torch.float32, torch.float64):
+            rows = rows.float()
+        # log masses (n, G) in at least float32 (each group shifted by its own max: no underflow)
+        log_mass = torch.logsumexp(rows[:, :full].view(-1, full // width, width), -1)
+        if full < K:
+            log_mass = torch.cat([log_mass, torch.logsumexp(rows[:, full:], -1, keepdim=True)], dim=1)
+        group = _add_gumbel(log_mass.to(dtype), generator).argmax(-1)  # (n,) a group of -inf logits: -inf
+        cols = group[:, None] * width + torch.arange(width, device=rows.device)  # (n, W)
+        outside = cols >= K  # the last, shorter group
+        inside = rows.gather(1, cols.clamp_(max=K - 1)).to(dtype).masked_fill_(outside, float('-inf'))
+        out[start:end] = cols.gather(1, _add_gumbel(inside, generator).argmax(-1, keepdim=True))[:, 0]
     return out
+
+
+def _group_width(K: int) -> int:
+    """Classes per group of gumbel_argmax: about sqrt(K) (fewest draws per row)."""
+    return max(1, round(K ** 0.5))
+
+
+def _add_gumbel(x: torch.Tensor, generator) -> torch.Tensor:
+    """In place: x + G, G = -log(-log U) standard Gumbel noise of x's dtype. U is clamped into
+    [tiny, 1 - eps] so that G is finite and a -inf entry can never win an argmax."""
+    info = torch.finfo(x.dtype)
+    noise = torch.empty_like(x).uniform_(generator=generator).clamp_(info.tiny, 1 - info.eps)
+    return x.add_(noise.log_().neg_().log_().neg_())
 
 
 def top_k_filter_(logits: torch.Tensor, k: int) -> torch.Tensor:
