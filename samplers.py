@@ -15,7 +15,6 @@ Categorical draws are Gumbel-max over the logits with noise drawn in float64 by 
 precision noise truncates the Gumbel tail and lowers sample entropy), in row chunks of bounded size.
 """
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 KINDS = ('uniform', 'absorbing')
@@ -80,16 +79,23 @@ def gumbel_argmax(logits: torch.Tensor, generator=None, use_float64: bool = True
         rows = logits[start:end]
         if rows.dtype not in (torch.float32, torch.float64):
             rows = rows.float()
-        # log masses (n, G) in at least float32 (each group shifted by its own max: no underflow)
-        log_mass = torch.logsumexp(rows[:, :full].view(-1, full // width, width), -1)
+        log_mass = _log_group_masses(rows[:, :full].view(-1, full // width, width))
         if full < K:
-            log_mass = torch.cat([log_mass, torch.logsumexp(rows[:, full:], -1, keepdim=True)], dim=1)
+            log_mass = torch.cat([log_mass, _log_group_masses(rows[:, None, full:])], dim=1)
         group = _add_gumbel(log_mass.to(dtype), generator).argmax(-1)  # (n,) a group of -inf logits: -inf
         cols = group[:, None] * width + torch.arange(width, device=rows.device)  # (n, W)
         outside = cols >= K  # the last, shorter group
         inside = rows.gather(1, cols.clamp_(max=K - 1)).to(dtype).masked_fill_(outside, float('-inf'))
         out[start:end] = cols.gather(1, _add_gumbel(inside, generator).argmax(-1, keepdim=True))[:, 0]
     return out
+
+
+def _log_group_masses(groups: torch.Tensor) -> torch.Tensor:
+    """log sum exp over the last dim of (n, G, W) logits, each group shifted by its own max (no
+    underflow; a group of -inf logits gets -inf). Faster than torch.logsumexp on small groups."""
+    top = groups.amax(-1, keepdim=True)
+    top = torch.where(top.isfinite(), top, torch.zeros_like(top))
+    return (groups - top).exp_().sum(-1).log_().add_(top[..., 0])
 
 
 def _group_width(K: int) -> int:
@@ -135,15 +141,16 @@ def nucleus_filter_(logits: torch.Tensor, p_nucleus: float) -> torch.Tensor:
 def neg_log_prob_at(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """-log softmax(logits)[ids] per row: logits (N, K) any float dtype, ids (N,) -> (N,) float64.
 
-    Cross-entropy in row chunks of at least float32: its fused log-softmax kernel reads each row
-    twice, which is cheaper than a separate max / exp / sum (and it handles -inf logits).
+    log_softmax in row chunks of at least float32: its fused kernel is cheaper than a separate
+    max / exp / sum (and handles -inf logits); the picked values are gathered from it (cross
+    entropy's nll_loss with reduction='none' adds a slow serial pass on the CPU).
     """
     out = torch.empty(logits.shape[0], dtype=torch.float64, device=logits.device)
     for start, end in _row_chunks(logits.shape[0], logits.shape[1], logits.device):
         chunk = logits[start:end]
         if chunk.dtype not in (torch.float32, torch.float64):
             chunk = chunk.float()
-        out[start:end] = F.cross_entropy(chunk, ids[start:end], reduction='none')
+        out[start:end] = torch.log_softmax(chunk, -1).gather(1, ids[start:end, None])[:, 0].neg_()
     return out
 
 
