@@ -21,7 +21,7 @@ import noise_schedule
 import samplers
 from ema import EMA
 from metrics import NLLMetric
-from models.dit import DiT, reusable_buffer
+from models.dit import DiT
 
 log = logging.getLogger(__name__)
 
@@ -163,15 +163,14 @@ class DUO(DUOBase):
 def relaxed_gaussian_latent(x0, gamma, vocab_size, tau):
     """Draw w = alpha~ onehot(x0) + sigma~ eps, eps ~ N(0, I_K); return (argmax w, softmax(w / tau)).
 
-    One (B, L, K) float32 buffer (models.dit.reusable_buffer: the same memory every step once the
-    previous step's weights are released), filled block by block while each block is in cache:
+    One (B, L, K) float32 tensor, filled block by block while each block is in cache:
     eps is drawn, shifted at x0 (argmax(alpha~ x + sigma~ eps) = argmax(eps + (alpha~ / sigma~) x)),
     its argmax taken, and it becomes the softmax in place. The blocks draw exactly the numbers
     of one torch.randn(B, L, K) (see _latent_blocks).
     """
     alpha_g, sigma_g = noise_schedule.gaussian_alpha_sigma(gamma.float())
     (B, L), K = x0.shape, vocab_size
-    w = reusable_buffer('duo.relaxed_input', (B * L, K), torch.float32, x0.device)
+    w = torch.empty(B * L, K, device=x0.device)
     xt = torch.empty(B * L, dtype=torch.long, device=x0.device)
     ratio = (alpha_g / sigma_g).repeat_interleave(L)[:, None]  # (B L, 1)
     scale = (sigma_g / tau).repeat_interleave(L)[:, None]

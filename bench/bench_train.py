@@ -47,8 +47,8 @@ ISSUE_TABLE = {'ar': (700, 1.8), 'mdlm': (460, 2.7), 'duo_base': (480, 2.6), 'du
 # Dense bf16 tensor-core peak (TFLOPS, no sparsity) by device name fragment; first match wins.
 PEAK_BF16_TFLOPS = (('H200', 989.0), ('H100 PCIe', 756.0), ('H100', 989.0), ('A100', 312.0),
                     ('L40S', 362.0), ('L4', 121.0), ('A10', 125.0), ('T4', 65.0), ('V100', 125.0))
-# Our main.py sets this before torch allocates anything (CPU: 2 MB pages for big tensors, far
-# fewer page faults); upstream does not.
+# Transparent huge pages for torch's large CPU allocations (2 MB pages: far fewer page faults).
+# Neither main.py nor upstream sets it (on this machine it did not help): off unless --thp asks.
 OURS_ENV = {'THP_MEM_ALLOC_ENABLE': '1'}
 
 
@@ -389,8 +389,8 @@ def main(argv=None):
     parser.add_argument('--repeats', type=int, default=3, help='fresh processes per configuration, interleaved')
     parser.add_argument('--compile', action='store_true', help='model.compile=true for ours')
     parser.add_argument('--tf32', action='store_true', help='allow TF32 matmuls (CUDA, Ampere+; changes fp32 numerics)')
-    parser.add_argument('--thp', choices=('ours', 'all', 'none'), default='ours',
-                        help=f"who runs with {OURS_ENV} (main.py sets it; upstream does not)")
+    parser.add_argument('--thp', choices=('ours', 'all', 'none'), default='none',
+                        help=f"who runs with {OURS_ENV} (neither main.py nor upstream sets it)")
     parser.add_argument('--peak-tflops', type=float, help='peak dense bf16 TFLOPS for MFU (default: known GPUs)')
     parser.add_argument('--fit-budget-gb', type=float, default=0.0,
                         help='CUDA: also find the largest batch whose step fits this many GB')

@@ -148,58 +148,6 @@ def _cached_attention(cache: KVCache, layer: int, q, k, v):
     return out.transpose(1, 2)
 
 
-_REUSABLE: dict = {}
-
-
-def _storage_uses(t: torch.Tensor) -> int:
-    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
-
-
-def reusable_buffer(name: str, shape, dtype=torch.float32, device='cpu', capacity: int = 0) -> torch.Tensor:
-    """An uninitialised tensor `shape` for `name`, the same memory from call to call on the CPU.
-
-    Large fresh CPU allocations are page-faulted in again at every training step (for a
-    (B, L, K) float32 tensor that costs as much as a few passes over it); the CUDA caching
-    allocator already reuses memory, so other devices get a fresh tensor. The memory is reused
-    only once nothing else refers to it any more (every tensor handed out, view, alias or
-    autograd reference dropped); otherwise a new buffer replaces it. What is handed out is a
-    plain tensor on that memory, not a view, so autograd treats it like any fresh tensor.
-    Sizes that vary from call to call share one allocation of at least `capacity` elements.
-    """
-    device = torch.device(device)
-    shape = tuple(shape)
-    if device.type != 'cpu':
-        return torch.empty(shape, dtype=dtype, device=device)
-    entry = _REUSABLE.get(name)
-    if (entry is None or entry[0].numel() < math.prod(shape) or entry[0].dtype != dtype
-            or _storage_uses(entry[0]) != entry[1]):
-        buffer = torch.empty(max(math.prod(shape), capacity), dtype=dtype, device=device)
-        entry = _REUSABLE[name] = (buffer, _storage_uses(buffer))
-    return torch.empty(0, dtype=dtype, device=device).set_(entry[0].untyped_storage(), 0, shape)
-
-
-class _LinearIntoBuffer(torch.autograd.Function):
-    """F.linear(h, weight, bias) computed into a reusable_buffer; the same gradients as F.linear."""
-
-    @staticmethod
-    def forward(ctx, h, weight, bias, capacity_rows):
-        rows = h.reshape(-1, h.shape[-1])
-        out = reusable_buffer('dit.logits', (*h.shape[:-1], weight.shape[0]), h.dtype, h.device,
-                              capacity=capacity_rows * weight.shape[0])
-        torch.addmm(bias, rows, weight.t(), out=out.view(rows.shape[0], weight.shape[0]))
-        ctx.save_for_backward(h, weight)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        h, weight = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1])
-        grad_h = (g @ weight).view(h.shape) if ctx.needs_input_grad[0] else None
-        grad_w = g.t() @ h.reshape(-1, h.shape[-1]) if ctx.needs_input_grad[1] else None
-        grad_b = g.sum(0) if ctx.needs_input_grad[2] else None
-        return grad_h, grad_w, grad_b, None
-
-
 class LayerNorm(nn.Module):
     """LayerNorm without bias, normalised in float32 (eps 1e-5), then times the weight."""
 
@@ -306,13 +254,8 @@ class DiTFinalLayer(nn.Module):
         if self.adaLN_modulation is not None:
             shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=2)
             h = modulate(h, shift, scale)
-        positions = h.shape[0] * h.shape[1]
         if rows is not None:
             h = h[rows]
-        if (self.training and torch.is_grad_enabled() and h.device.type == 'cpu'
-                and not torch.is_autocast_enabled('cpu') and not torch.compiler.is_compiling()):
-            # CPU training: the logits go into memory reused from step to step.
-            return _LinearIntoBuffer.apply(h, self.linear.weight, self.linear.bias, positions)
         return self.linear(h)
 
 

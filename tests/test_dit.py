@@ -393,56 +393,6 @@ def test_forced_flash_raises_here_and_choice_is_logged(caplog):
     assert any('sdpa' in r.getMessage() for r in caplog.records)
 
 
-# --------------------------------------------------------------------------- reused CPU memory
-
-def test_reusable_buffer_reuses_only_released_memory():
-    name = 'test.buffer'
-    first = dit.reusable_buffer(name, (3, 4)).fill_(1.0)
-    second = dit.reusable_buffer(name, (3, 4))  # `first` is alive: other memory, `first` intact
-    assert second.data_ptr() != first.data_ptr() and torch.equal(first, torch.ones(3, 4))
-    view, ptr = second[1:], second.data_ptr()
-    del second
-    third = dit.reusable_buffer(name, (3, 4))   # a view of `second` is alive: other memory
-    assert third.data_ptr() != ptr and third._base is None  # a plain tensor, not a view
-    ptr = third.data_ptr()
-    del third
-    assert dit.reusable_buffer(name, (3, 4)).data_ptr() == ptr  # released: the same memory again
-    assert dit.reusable_buffer(name, (2, 4)).shape == (2, 4)
-    assert dit.reusable_buffer(name, (2, 4), device='meta').device.type == 'meta'
-
-
-@pytest.mark.parametrize('causal', [False, True])
-def test_training_logits_in_reused_memory_match_the_plain_linear(causal):
-    """CPU training writes the logits into reused memory; values and gradients equal F.linear's."""
-    model = small_model(causal=causal)
-    x = torch.randint(0, K, (2, MAX_LEN), generator=torch.Generator().manual_seed(1))
-    sigma = None if causal else torch.tensor([0.3, 1.2])
-    target = torch.randn(2, MAX_LEN, K, generator=torch.Generator().manual_seed(2))
-    grads = []
-    for training in (False, True):  # eval mode with gradients: the plain F.linear path
-        model.train(training)
-        model.zero_grad()
-        logits = model(x, sigma)
-        (logits * target).sum().backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
-        if training:
-            torch.testing.assert_close(logits, plain_logits, rtol=0, atol=0)
-        else:
-            plain_logits = logits.detach()
-    for name in grads[0]:
-        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-6, atol=1e-7)
-    model.train()
-    first = model(x, sigma)
-    first.sum().backward()
-    ptr = first.data_ptr()
-    second = model(x, sigma)  # `first` still held: other memory, `first` intact
-    assert second.data_ptr() != ptr and torch.equal(first, second)
-    second[:, :, 0] = 0.0     # an ordinary tensor: in-place edits are allowed
-    ptr = second.data_ptr()
-    del first, second
-    assert model(x, sigma).data_ptr() == ptr  # released: the last buffer is reused
-
-
 @pytest.mark.parametrize('training', [False, True])
 def test_output_rows_are_the_rows_of_the_full_logits(training):
     model = small_model().train(training)
@@ -466,11 +416,3 @@ def test_output_rows_are_the_rows_of_the_full_logits(training):
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match='output_rows'):
         model(x, sigma, output_rows=rows.long())
-
-
-def test_reusable_buffer_serves_smaller_sizes_from_one_allocation():
-    name = 'test.capacity'
-    ptr = dit.reusable_buffer(name, (2, 3), capacity=12).data_ptr()
-    assert dit.reusable_buffer(name, (4, 3)).data_ptr() == ptr      # within capacity
-    assert dit.reusable_buffer(name, (1, 5)).data_ptr() == ptr
-    assert dit.reusable_buffer(name, (5, 3)).data_ptr() != ptr      # larger: a new allocation
