@@ -114,18 +114,6 @@ class Reference:
         import torch
         self.torch, self.module, self.algo = torch, module, module.algo
         self.K = module.vocab_size
-        layer = module.backbone.output_layer
-        layer.forward = lambda x, c: self.output_layer(layer, x, c)
-
-    @staticmethod
-    def output_layer(layer, x, c):
-        """The DiT's final layer with a plain F.linear (a fresh (B, L, K) tensor every step)."""
-        from models.dit import modulate
-        h = layer.norm_final(x)
-        if layer.adaLN_modulation is not None:
-            shift, scale = layer.adaLN_modulation(c)[:, None].chunk(2, dim=2)
-            h = modulate(h, shift, scale)
-        return layer.linear(h)
 
     def loss(self, batch, step):
         torch, algo, module = self.torch, self.algo, self.module
