@@ -11,8 +11,9 @@ returns LOGITS, so that the samplers only touch the (rows, K) slices they need:
 - absorbing step: which masked tokens unmask does not depend on x̂, so it is decided first, and
   the network runs only on the sequences that have a token to fill (`cache=True`).
 
-Categorical draws are Gumbel-max over the logits with noise drawn in float64 by default (low-
-precision noise truncates the Gumbel tail and lowers sample entropy), in row chunks of bounded size.
+Categorical draws are (two-level) Gumbel-max over the logits with noise drawn in float64 by
+default (low-precision noise truncates the Gumbel tail and lowers sample entropy), in row chunks
+of bounded size.
 """
 import torch
 from tqdm.auto import tqdm
@@ -79,7 +80,7 @@ def gumbel_argmax(logits: torch.Tensor, generator=None, use_float64: bool = True
         rows = logits[start:end]
         if rows.dtype not in (torch.float32, torch.float64):
             rows = rows.float()
-        log_mass = _log_group_masses(rows[:, :full].view(-1, full // width, width))
+        log_mass = _log_group_masses(rows[:, :full].reshape(-1, full // width, width))
         if full < K:
             log_mass = torch.cat([log_mass, _log_group_masses(rows[:, None, full:])], dim=1)
         group = _add_gumbel(log_mass.to(dtype), generator).argmax(-1)  # (n,) a group of -inf logits: -inf
