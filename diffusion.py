@@ -6,8 +6,11 @@ samplers.py. `Diffusion` is the Lightning plumbing around them: optimisation, EM
 validation metrics and checkpoint extras.
 """
 import copy
+import importlib.util
 import logging
 import math
+import os
+import shutil
 
 import lightning as L
 import torch
@@ -32,7 +35,7 @@ class AR:
 
     def loss(self, module, x0, attention_mask, t, step):
         logits = module.backbone(x0, attention_mask=attention_mask)
-        nll = losses.ar_nll(logits, x0, excluded_id=self.mask_id)
+        nll = losses.ar_nll(logits, x0, excluded_id=self.mask_id, reuse_logits=True)
         return nll, attention_mask[:, 1:]
 
     def eval_loss(self, module, x0, attention_mask, t, step):
@@ -94,8 +97,9 @@ class MDLM(_Diffusion):
     def loss(self, module, x0, attention_mask, t, step):
         alpha, dalpha = self.schedule.alpha(t)[:, None], self.schedule.dalpha(t)[:, None]
         xt = torch.where(torch.rand(x0.shape, device=x0.device) < 1 - alpha, self.mask_id, x0)
-        logits = module.backbone(xt, self.sigma(alpha), attention_mask=attention_mask)
-        return losses.mdlm_loss(logits, x0, xt, alpha, dalpha, self.mask_id), attention_mask
+        # Unmasked positions cost nothing (SUBS): the network computes the masked positions' logits only.
+        logits = module.backbone(xt, self.sigma(alpha), attention_mask=attention_mask, output_rows=xt == self.mask_id)
+        return losses.mdlm_loss(logits, x0, xt, alpha, dalpha, self.mask_id, reuse_logits=True), attention_mask
 
 
 class DUOBase(_Diffusion):
@@ -111,7 +115,7 @@ class DUOBase(_Diffusion):
         alpha, dalpha = self.schedule.alpha(t)[:, None], self.schedule.dalpha(t)[:, None]
         xt = self.corrupt(x0, alpha)
         logits = module.backbone(xt, self.sigma(alpha), attention_mask=attention_mask)
-        return losses.duo_loss(logits, x0, xt, alpha, dalpha), attention_mask
+        return losses.duo_loss(logits, x0, xt, alpha, dalpha, reuse_logits=True), attention_mask
 
 
 class DUO(DUOBase):
@@ -150,7 +154,7 @@ class DUO(DUOBase):
         xt, weights = relaxed_gaussian_latent(x0, gamma, self.vocab_size, self.tau(step))
         logits = module.backbone(weights, self.sigma(alpha), attention_mask=attention_mask)
         del weights
-        return losses.duo_loss(logits, x0, xt, alpha, dalpha), attention_mask
+        return losses.duo_loss(logits, x0, xt, alpha, dalpha, reuse_logits=True), attention_mask
 
     def eval_loss(self, module, x0, attention_mask, t, step):
         return DUOBase.loss(self, module, x0, attention_mask, t, step)
@@ -159,16 +163,35 @@ class DUO(DUOBase):
 def relaxed_gaussian_latent(x0, gamma, vocab_size, tau):
     """Draw w = alpha~ onehot(x0) + sigma~ eps, eps ~ N(0, I_K); return (argmax w, softmax(w / tau)).
 
-    One (B, L, K) float32 buffer: eps is drawn, shifted in place at x0 (argmax(alpha~ x + sigma~ eps)
-    = argmax(eps + (alpha~ / sigma~) x)), then turned into the softmax in place.
+    One (B, L, K) float32 tensor, filled block by block while each block is in cache:
+    eps is drawn, shifted at x0 (argmax(alpha~ x + sigma~ eps) = argmax(eps + (alpha~ / sigma~) x)),
+    its argmax taken, and it becomes the softmax in place. The blocks draw exactly the numbers
+    of one torch.randn(B, L, K) (see _latent_blocks).
     """
     alpha_g, sigma_g = noise_schedule.gaussian_alpha_sigma(gamma.float())
-    w = torch.randn(*x0.shape, vocab_size, device=x0.device)
-    w.scatter_add_(-1, x0[..., None], (alpha_g / sigma_g)[:, None, None].expand(*x0.shape, 1).contiguous())
-    xt = w.argmax(-1)
-    w.mul_((sigma_g / tau)[:, None, None])  # = (alpha~ x + sigma~ eps) / tau
-    w.sub_(w.amax(-1, keepdim=True)).exp_()
-    return xt, w.div_(w.sum(-1, keepdim=True))
+    (B, L), K = x0.shape, vocab_size
+    w = torch.empty(B * L, K, device=x0.device)
+    xt = torch.empty(B * L, dtype=torch.long, device=x0.device)
+    ratio = (alpha_g / sigma_g).repeat_interleave(L)[:, None]  # (B L, 1)
+    scale = (sigma_g / tau).repeat_interleave(L)[:, None]
+    ids = x0.reshape(-1, 1)
+    for sel in _latent_blocks(B * L, K, x0.device):
+        block = w[sel].normal_()
+        block.scatter_add_(1, ids[sel], ratio[sel])
+        top = block.argmax(-1, keepdim=True)  # argmax + gather: cheaper than max(-1) on the CPU
+        xt[sel] = top[:, 0]
+        block.sub_(block.gather(1, top)).mul_(scale[sel]).exp_()  # (w - max w) sigma~ / tau: subtract first, exactly
+        block.mul_(block.sum(-1, keepdim=True).reciprocal_())
+    return xt.view(B, L), w.view(B, L, K)
+
+
+def _latent_blocks(n_rows, K, device):
+    """Row slices of about losses.block_rows(K) rows whose sizes (but the last) are multiples of 16
+    values: torch's CPU normal_ draws in groups of 16, so the blocks draw one randn's stream."""
+    step = losses.block_rows(K, device)
+    multiple = 16 // math.gcd(K, 16)
+    step = max(step // multiple, 1) * multiple
+    return [slice(start, start + step) for start in range(0, n_rows, step)]
 
 
 class Distillation(DUOBase):
@@ -230,15 +253,25 @@ class Distillation(DUOBase):
 
 
 def shared_noise_latents(x0, gamma_t, gamma_s, vocab_size):
-    """(z_t, z_s) = argmax of alpha~ x + sigma~ eps at gamma_t and gamma_s with one shared eps (B, L, K)."""
-    ratio_t = torch.exp(-gamma_t.float() / 2)[:, None, None]  # alpha~ / sigma~ = e^{-gamma / 2}
-    ratio_s = torch.exp(-gamma_s.float() / 2)[:, None, None]
-    eps = torch.randn(*x0.shape, vocab_size, device=x0.device)
-    index = x0[..., None]
-    eps.scatter_add_(-1, index, ratio_t.expand(*x0.shape, 1).contiguous())
-    zt = eps.argmax(-1)
-    eps.scatter_add_(-1, index, (ratio_s - ratio_t).expand(*x0.shape, 1).contiguous())
-    return zt, eps.argmax(-1)
+    """(z_t, z_s) = argmax of alpha~ x + sigma~ eps at gamma_t and gamma_s with one shared eps (B, L, K).
+
+    eps is drawn block by block into one reused (rows, K) buffer: nothing of size (B, L, K).
+    """
+    (B, L), K = x0.shape, vocab_size
+    ratio_t = torch.exp(-gamma_t.float() / 2).repeat_interleave(L)[:, None]  # alpha~ / sigma~ = e^{-gamma / 2}
+    ratio_s = torch.exp(-gamma_s.float() / 2).repeat_interleave(L)[:, None]
+    ids = x0.reshape(-1, 1)
+    zt = torch.empty(B * L, dtype=torch.long, device=x0.device)
+    zs = torch.empty_like(zt)
+    blocks = _latent_blocks(B * L, K, x0.device)
+    buffer = torch.empty(blocks[0].stop - blocks[0].start, K, device=x0.device)
+    for sel in blocks:
+        eps = buffer[:ids[sel].shape[0]].normal_()
+        eps.scatter_add_(1, ids[sel], ratio_t[sel])
+        zt[sel] = eps.argmax(-1)
+        eps.scatter_add_(1, ids[sel], ratio_s[sel] - ratio_t[sel])
+        zs[sel] = eps.argmax(-1)
+    return zt.view(B, L), zs.view(B, L)
 
 
 ALGORITHMS = {'ar': AR, 'mdlm': MDLM, 'duo_base': DUOBase, 'duo': DUO, 'distillation': Distillation}
@@ -246,9 +279,42 @@ ALGORITHMS = {'ar': AR, 'mdlm': MDLM, 'duo_base': DUOBase, 'duo': DUO, 'distilla
 
 def make_backbone(config, vocab_size, causal):
     m = config.model
-    return DiT(vocab_size=vocab_size, hidden_size=m.hidden_size, cond_dim=m.cond_dim, n_blocks=m.n_blocks,
-               n_heads=m.n_heads, max_length=m.length, dropout=m.dropout, causal=causal,
-               attn_backend=m.attn_backend)
+    backbone = DiT(vocab_size=vocab_size, hidden_size=m.hidden_size, cond_dim=m.cond_dim, n_blocks=m.n_blocks,
+                   n_heads=m.n_heads, max_length=m.length, dropout=m.dropout, causal=causal,
+                   attn_backend=m.attn_backend)
+    if m.get('compile', False):
+        reason = compile_unsupported(config.trainer.get('accelerator', 'auto'))
+        if reason:
+            log.warning('model.compile=true ignored: %s', reason)
+        else:
+            # The transformer blocks, where compilation fuses the normalisations, modulations,
+            # rotary embedding and gates; in place, so the state dict keeps its keys.
+            for block in backbone.blocks:
+                block.compile()
+    return backbone
+
+
+def compile_unsupported(accelerator: str) -> str | None:
+    """Why torch.compile cannot run for this accelerator (None when it can): Inductor needs a
+    C++ compiler on the CPU and Triton with compute capability >= 7.0 on CUDA GPUs."""
+    if accelerator != 'cpu' and torch.cuda.is_available():
+        capability = torch.cuda.get_device_capability()
+        if capability < (7, 0):
+            return f"{torch.cuda.get_device_name()} has compute capability {'.'.join(map(str, capability))} (< 7.0)"
+        if importlib.util.find_spec('triton') is None:
+            return 'Triton is not installed'
+        return None
+    if not any(shutil.which(c) for c in (os.environ.get('CXX', 'g++'), 'g++', 'clang++') if c):
+        return 'no C++ compiler (g++ or clang++) for the CPU'
+    return None
+
+
+def allow_tf32():
+    """float32 matmuls and convolutions in TF32 on Ampere or newer GPUs (10-bit mantissa inputs,
+    float32 accumulation: several times faster; mixed precision does not use them)."""
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 class Diffusion(L.LightningModule):
@@ -261,6 +327,7 @@ class Diffusion(L.LightningModule):
         self.config = config
         self.vocab_size, self.mask_id, self.bos_id = vocab_size, mask_id, bos_id
         self.algo = ALGORITHMS[config.algo.name](config, vocab_size, mask_id)
+        allow_tf32()
         self.backbone = make_backbone(config, vocab_size, self.algo.causal)
         self.ema = EMA(self.backbone.parameters(), config.training.ema) if config.training.ema > 0 else None
         if isinstance(self.algo, Distillation) and self.algo.teacher_ema and self.ema is None:

@@ -247,9 +247,11 @@ class MemoryEstimate:
         return ', '.join(f'{k} {v / GIB:.2f}' for k, v in self.parts.items() if v) + ' (GiB)'
 
 
-def _chunk_rows() -> int:
+def _chunk_rows(K: int) -> int:
+    """Rows per block of the losses' fused kernels on a GPU (losses.block_rows)."""
     import losses
-    return losses.CHUNK_ROWS
+    import torch
+    return losses.block_rows(K, torch.device('cuda'))
 
 
 def train_step_bytes(s: ModelShape, batch: int, precision: str, algo: str, world: int = 1,
@@ -284,7 +286,7 @@ def train_step_bytes(s: ModelShape, batch: int, precision: str, algo: str, world
              'activations': tokens * (s.n_blocks * block_activation_bytes(s, half, mask_bytes)
                                       + final_layer_bytes(s, half) + 8),
              'logits+grads': LOGIT_BUFFERS.get(algo, 4) * h * K * tokens + h * K * s.hidden_size,
-             'loss temporaries': LOSS_CHUNK_BUFFERS.get(algo, 7) * 4 * K * min(tokens, _chunk_rows())}
+             'loss temporaries': LOSS_CHUNK_BUFFERS.get(algo, 7) * 4 * K * min(tokens, _chunk_rows(K))}
     if algo == 'duo':
         parts['relaxed input'] = 4 * K * tokens
     elif algo == 'distillation':
@@ -303,7 +305,7 @@ def eval_step_bytes(s: ModelShape, batch: int, precision: str, algo: str, ema: b
     tokens = batch * s.length
     parts = {'states': (16 + (8 if ema else 0)) * P,
              'logits': h * s.vocab_size * tokens,
-             'loss temporaries': 3 * 4 * s.vocab_size * min(tokens, _chunk_rows()),
+             'loss temporaries': 3 * 4 * s.vocab_size * min(tokens, _chunk_rows(s.vocab_size)),
              'block transients': tokens * block_activation_bytes(s, half)}
     if algo == 'duo':
         parts['relaxed input'] = 4 * s.vocab_size * tokens

@@ -4,38 +4,68 @@ Shapes: logits (B, L, K) in any float dtype; token ids x0, xt (B, L) int64; per-
 alpha_t, dalpha_t (B, 1). Every loss returns float32 (B, L): the reported NLL bound is their
 mean over all positions. Losses are computed in float32 whatever the autocast precision, and
 none keeps a (B, L, K) intermediate alive for backward beyond the logits themselves.
+
+`reuse_logits=True` (training steps): the backward writes the gradient into the logits' own
+memory instead of a second (B, L, K) tensor, so the caller must not read the logits after
+backward. Autograd notices the misuse it can see (another node that saved the logits, a second
+backward through the graph) and raises its in-place modification error; logits that are a leaf
+tensor are never overwritten.
 """
 import torch
 
-# Rows processed at once by the fused softmax statistics: bounds their float32 temporaries
-# to a few (CHUNK_ROWS, K) blocks instead of (B * L, K).
-CHUNK_ROWS = 1024
+# Rows per block of the fused kernels. None = automatic: on the CPU a block of about
+# CPU_BLOCK_ELEMENTS float32 values (K = 50258: 20 rows, 4 MB) stays in cache through the
+# several elementwise passes over it, where a (1024, K) block (200 MB) went to memory on every
+# pass; on a GPU, blocks of GPU_BLOCK_ELEMENTS keep the number of kernel launches small.
+CHUNK_ROWS: int | None = None
+CPU_BLOCK_ELEMENTS = 1 << 22
+GPU_BLOCK_ELEMENTS = 1 << 25
 
 
-def ar_nll(logits: torch.Tensor, x0: torch.Tensor, excluded_id: int | None = None) -> torch.Tensor:
+def block_rows(K: int, device: torch.device) -> int:
+    """Rows per block for rows of K values on `device` (CHUNK_ROWS when set)."""
+    if CHUNK_ROWS:
+        return CHUNK_ROWS
+    return max(1, (CPU_BLOCK_ELEMENTS if device.type == 'cpu' else GPU_BLOCK_ELEMENTS) // K)
+
+
+def ar_nll(logits: torch.Tensor, x0: torch.Tensor, excluded_id: int | None = None,
+           reuse_logits: bool = False) -> torch.Tensor:
     """-log p(x_{j+1} | x_{<=j}) for j = 0..L-2, as (B, L-1) float32.
 
     `excluded_id` (the extra [MASK]/pad id) can never be predicted: its logit is -inf.
     """
-    log_z, _ = softmax_stats(logits, excluded_id=excluded_id)  # all L rows: no strided copy
-    return log_z[:, :-1] - _gather(logits[:, :-1], x0[:, 1:])
+    targets = torch.cat([x0[:, 1:], x0[:, -1:]], dim=1)  # position L-1 predicts nothing: dropped below
+    log_z, _, picked = _stats(logits, excluded_id=excluded_id, ids=targets[..., None], reuse=reuse_logits)
+    return (log_z - picked[..., 0])[:, :-1]
 
 
 def mdlm_loss(logits: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, alpha_t: torch.Tensor,
-              dalpha_t: torch.Tensor, mask_id: int) -> torch.Tensor:
-    """Continuous-time MDLM NELBO per token, SUBS parameterisation (SPEC §4).
+              dalpha_t: torch.Tensor, mask_id: int, reuse_logits: bool = False) -> torch.Tensor:
+    """Continuous-time MDLM NELBO per token, SUBS parameterisation (SPEC §4), float32 (B, L).
 
     l = alpha'_t / (1 - alpha_t) * log x_theta[x0] at masked positions, 0 elsewhere (unmasked
-    positions copy their input, so they cost nothing). The [MASK] logit is -inf.
+    positions copy their input, so they cost nothing: their softmax is never computed). The
+    [MASK] logit is -inf. logits: (B, L, K), or (n, K) for the n masked positions only, in
+    row-major order (DiT(..., output_rows=xt == mask_id): the network skips the other rows).
     """
-    log_z, _ = softmax_stats(logits, excluded_id=mask_id)
-    log_p_x0 = _gather(logits, x0) - log_z
+    masked = xt == mask_id
+    if logits.dim() == 2:
+        if logits.shape[0] != int(masked.sum()):
+            raise ValueError(f'{logits.shape[0]} rows of logits for {int(masked.sum())} masked positions: pass '
+                             'all (B, L, K) logits or those of the masked positions (output_rows=xt == mask_id)')
+        log_z, _, picked = _stats(logits, excluded_id=mask_id, ids=x0[masked][:, None], reuse=reuse_logits)
+        weight = _at_least_f32(dalpha_t / (1 - alpha_t)).expand(x0.shape)[masked]
+        values = weight * (picked[:, 0] - log_z)
+        return values.new_zeros(x0.shape).masked_scatter(masked, values)
+    log_z, _, picked = _stats(logits, excluded_id=mask_id, ids=x0[..., None], rows=masked, reuse=reuse_logits)
+    log_p_x0 = picked[..., 0] - log_z
     weight = _at_least_f32(dalpha_t / (1 - alpha_t))
-    return torch.where(xt == mask_id, weight * log_p_x0, torch.zeros_like(log_p_x0))
+    return torch.where(masked, weight * log_p_x0, torch.zeros_like(log_p_x0))
 
 
 def duo_loss(logits: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, alpha_t: torch.Tensor,
-             dalpha_t: torch.Tensor) -> torch.Tensor:
+             dalpha_t: torch.Tensor, reuse_logits: bool = False) -> torch.Tensor:
     """Uniform-state continuous-time NELBO per token (SPEC §4), float32 (B, L).
 
     With a = K alpha, b = 1 - alpha, i = z_t, m = x0, x̄ = a e_m + b 1 and x̄θ = a xθ + b 1,
@@ -46,19 +76,15 @@ def duo_loss(logits: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, alpha_t: 
     alpha, dalpha = _at_least_f32(alpha_t), _at_least_f32(dalpha_t)
     a = (K * alpha).expand(x0.shape)
     b = (1 - alpha).expand(x0.shape)
-    log_z, S = softmax_stats(logits, a, b)
-    log_xbt_i = torch.log(a * torch.exp(_gather(logits, xt) - log_z) + b)
-    log_xbt_m = torch.log(a * torch.exp(_gather(logits, x0) - log_z) + b)
+    log_z, S, picked = _stats(logits, a, b, ids=torch.stack([xt, x0], dim=-1), reuse=reuse_logits)
+    log_xbt_i = torch.log(a * torch.exp(picked[..., 0] - log_z) + b)
+    log_xbt_m = torch.log(a * torch.exp(picked[..., 1] - log_z) + b)
     xbar_i = b + a * (xt == x0)
     sum_xbar_log_xbar = (K - 1) * torch.xlogy(b, b) + torch.xlogy(a + b, a + b)
     sum_term = (K * (log_xbt_i - torch.log(xbar_i)) + sum_xbar_log_xbar
                 - b * S - a * log_xbt_m) / xbar_i
     bracket = K / xbar_i - K * torch.exp(-log_xbt_i) - sum_term
     return dalpha / (K * alpha) * bracket
-
-
-def _gather(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    return _at_least_f32(logits.gather(-1, ids[..., None]).squeeze(-1))
 
 
 def _at_least_f32(x: torch.Tensor) -> torch.Tensor:
@@ -73,84 +99,155 @@ def softmax_stats(logits: torch.Tensor, a: torch.Tensor | None = None, b: torch.
     p = softmax(logits) with class `excluded_id` (if any) removed. Float32 results of shape (...).
     Differentiable w.r.t. logits only.
     """
+    log_z, S, _ = _stats(logits, a, b, excluded_id)
+    return log_z, S
+
+
+def _stats(logits, a=None, b=None, excluded_id=None, ids=None, rows=None, reuse=False):
+    """softmax_stats plus the logits picked at `ids` (..., n) as (..., n) float, in one autograd node.
+
+    Picking inside the node keeps the gradient one (B, L, K) tensor: a separate gather would
+    add a zero-filled (B, L, K) gradient per gather. `rows` (...) bool: compute the statistics of
+    these rows only (the others get log Z = S = 0 and no gradient through them). `reuse`: see
+    the module docstring.
+    """
+    shape = logits.shape[:-1]
     with_s = a is not None
     if not with_s:
         a = b = logits.new_zeros(())
-    log_z, S = _SoftmaxStats.apply(logits, a.expand(logits.shape[:-1]), b.expand(logits.shape[:-1]),
-                                   excluded_id, with_s)
-    return log_z, (S if with_s else None)
+    if ids is None:
+        ids = torch.zeros(*shape, 0, dtype=torch.long, device=logits.device)
+    log_z, S, picked = _SoftmaxStats.apply(logits, a.expand(shape), b.expand(shape), ids, rows,
+                                           excluded_id, with_s, reuse)
+    return log_z, (S if with_s else None), picked
 
 
 class _SoftmaxStats(torch.autograd.Function):
-    """Fused, chunked log Z and S = sum_j log(a p_j + b) (see softmax_stats).
+    """Fused, blocked log Z, S = sum_j log(a p_j + b) and picked logits (see _stats).
 
     Only the logits are saved for backward (no softmax, no float32 copy); forward and backward
-    run over CHUNK_ROWS rows at a time so the float32 temporaries stay (CHUNK_ROWS, K).
-    Gradients: d logZ / dl = p;  dS/dl_k = a p_k / f_k - p_k sum_j a p_j / f_j, f = a p + b.
+    work through blocks of block_rows() rows in two reused (rows, K) buffers, a few passes each
+    while the block is in cache, and write the gradient once.
+    Gradients, with f = a p + b and Q = sum_j a p_j / f_j:
+    d logZ / dl = p;  dS/dl_k = a p_k / f_k - p_k Q;  d picked_n / dl = e_{ids_n}.
     """
 
     @staticmethod
-    def forward(ctx, logits, a, b, excluded_id, with_s):
-        rows = logits.reshape(-1, logits.shape[-1])
+    def forward(ctx, logits, a, b, ids, rows, excluded_id, with_s, reuse):
+        K = logits.shape[-1]
+        flat = logits.reshape(-1, K)
         dtype = torch.promote_types(logits.dtype, torch.float32)
         a_rows, b_rows = a.reshape(-1, 1).to(dtype), b.reshape(-1, 1).to(dtype)
-        log_z = torch.empty(rows.shape[0], device=logits.device, dtype=dtype)
+        log_z = flat.new_zeros(flat.shape[0], dtype=dtype)
         S = torch.zeros_like(log_z)
-        for sl in _chunks(rows.shape[0]):
-            log_p = _log_softmax_rows(rows[sl], excluded_id)
-            log_z[sl] = log_p[1]
-            if with_s:
-                S[sl] = torch.log(log_p[0].exp_().mul_(a_rows[sl]).add_(b_rows[sl])).sum(-1)
-        ctx.save_for_backward(logits, a_rows, b_rows)
-        ctx.excluded_id, ctx.with_s = excluded_id, with_s
-        shape = logits.shape[:-1]
-        return log_z.reshape(shape), S.reshape(shape)
+        active = None if rows is None else rows.reshape(-1).nonzero().squeeze(1)
+        buf = _buffer(flat, dtype)
+        for sel, src in _blocks(flat, active, _buffer(flat, flat.dtype) if active is not None else None):
+            w = buf[:src.shape[0]]
+            m = _row_max(src, excluded_id).to(dtype)
+            torch.sub(src, m, out=w)
+            if excluded_id is not None:
+                w[:, excluded_id] = float('-inf')
+            sum_exp = w.exp_().sum(-1, keepdim=True)
+            log_z[sel] = (m + sum_exp.log()).squeeze(1)
+            if with_s:  # f = a p + b with p = exp(l - m) / sum_exp
+                S[sel] = torch.addcmul(b_rows[sel], w, a_rows[sel] / sum_exp, out=w).log_().sum(-1)
+        ids_rows = ids.reshape(flat.shape[0], -1)
+        picked = flat.gather(1, ids_rows).to(dtype)
+        ctx.save_for_backward(logits, a_rows, b_rows, log_z, ids_rows, active)
+        ctx.excluded_id, ctx.with_s, ctx.reuse = excluded_id, with_s, _may_overwrite(logits, reuse)
+        return log_z.reshape(logits.shape[:-1]), S.reshape(logits.shape[:-1]), picked.reshape(ids.shape)
 
     @staticmethod
-    def backward(ctx, grad_log_z, grad_S):
-        logits, a_rows, b_rows = ctx.saved_tensors
-        rows = logits.reshape(-1, logits.shape[-1])
-        g_z = grad_log_z.reshape(-1, 1)
-        g_s = grad_S.reshape(-1, 1) if ctx.with_s else None
-        grad = torch.empty_like(rows)
-        for sl in _chunks(rows.shape[0]):
-            p = _log_softmax_rows(rows[sl], ctx.excluded_id)[0].exp_()
-            g = g_z[sl] * p
-            if g_s is not None:
-                ap_over_f = a_rows[sl] * p / (a_rows[sl] * p + b_rows[sl])
-                g += g_s[sl] * (ap_over_f - p * ap_over_f.sum(-1, keepdim=True))
-            grad[sl] = g.to(grad.dtype)
-        return grad.reshape(logits.shape), None, None, None, None
+    def backward(ctx, grad_log_z, grad_S, grad_picked):
+        logits, a_rows, b_rows, log_z, ids_rows, active = ctx.saved_tensors
+        K = logits.shape[-1]
+        flat = logits.reshape(-1, K)
+        dtype = log_z.dtype
+        g_z = grad_log_z.reshape(-1, 1).to(dtype)
+        g_s = grad_S.reshape(-1, 1).to(dtype)
+        # Each block's rows are read before its gradient is written, so the gradient can take
+        # the place of the logits (a reshape that copied gave us our own copy anyway).
+        grad = flat if ctx.reuse or flat.data_ptr() != logits.data_ptr() else torch.empty_like(flat)
+        if active is not None:  # rows without statistics: only the picks below reach them
+            idle = torch.ones(flat.shape[0], dtype=torch.bool, device=flat.device)
+            idle[active] = False
+            grad.index_fill_(0, idle.nonzero().squeeze(1), 0)
+        p_buf, r_buf = _buffer(flat, dtype), _buffer(flat, dtype) if ctx.with_s else None
+        # selected rows: gathered into, and their gradient staged in, one reused buffer
+        rows_buf = _buffer(flat, flat.dtype) if active is not None else None
+        for sel, src in _blocks(flat, active, rows_buf):
+            n = src.shape[0]
+            p = torch.sub(src, log_z[sel, None], out=p_buf[:n])
+            if ctx.excluded_id is not None:
+                p[:, ctx.excluded_id] = float('-inf')
+            p.exp_()
+            out = grad[sel] if active is None else rows_buf[:n]
+            if not ctx.with_s:
+                torch.mul(p, g_z[sel], out=out)
+            else:  # grad = p (g_z - g_s Q) + g_s a p / f
+                a, b, gs = a_rows[sel], b_rows[sel], g_s[sel]
+                r = torch.div(p, torch.addcmul(b, p, a, out=r_buf[:n]), out=r_buf[:n])
+                q = r.sum(-1, keepdim=True).mul_(a)
+                torch.addcmul(p.mul_(g_z[sel] - gs * q), r, gs * a, out=out)
+            if active is not None:
+                grad.index_copy_(0, sel, out)
+        if ids_rows.shape[1]:
+            grad.scatter_add_(1, ids_rows, grad_picked.reshape(ids_rows.shape).to(grad.dtype))
+        return grad.reshape(logits.shape), None, None, None, None, None, None, None
 
 
-def _chunks(n: int):
-    return (slice(i, i + CHUNK_ROWS) for i in range(0, n, CHUNK_ROWS))
+def _may_overwrite(logits: torch.Tensor, reuse: bool) -> bool:
+    """reuse_logits honoured: only for logits computed inside the graph, never a leaf tensor."""
+    return reuse and logits.requires_grad and not logits.is_leaf
 
 
-def _log_softmax_rows(rows: torch.Tensor, excluded_id: int | None):
-    """(log_softmax (n, K) fresh tensor of at least float32, logsumexp (n,)) with one class excluded."""
-    x = _at_least_f32(rows)
-    if x.data_ptr() == rows.data_ptr():
-        x = x.clone()  # float32 input: never write into the caller's logits
-    if excluded_id is not None:
-        x[:, excluded_id] = float('-inf')
-    log_z = torch.logsumexp(x, -1)
-    return x.sub_(log_z[:, None]), log_z
+def _buffer(flat: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A (block rows, K) work buffer, reused by every block of one kernel call."""
+    K = flat.shape[1]
+    return flat.new_empty((min(block_rows(K, flat.device), max(flat.shape[0], 1)), K), dtype=dtype)
 
 
-def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, loss_type: str = 'kl-bwd') -> torch.Tensor:
+def _blocks(flat: torch.Tensor, active: torch.Tensor | None, gather_buf: torch.Tensor | None = None):
+    """(rows selector, (n, K) rows) over all rows (slices: views) or the `active` row indices
+    (copied into gather_buf, a (block rows, K) buffer of flat's dtype)."""
+    step = block_rows(flat.shape[1], flat.device)
+    if active is None:
+        for start in range(0, flat.shape[0], step):
+            sel = slice(start, start + step)
+            yield sel, flat[sel]
+    else:
+        for start in range(0, active.shape[0], step):
+            sel = active[start:start + step]
+            yield sel, torch.index_select(flat, 0, sel, out=gather_buf[:sel.shape[0]])
+
+
+def _row_max(rows: torch.Tensor, excluded_id: int | None) -> torch.Tensor:
+    """Max per row (n, 1) over every class but `excluded_id` (a huge excluded logit must not be the shift)."""
+    if excluded_id is None:
+        return rows.amax(-1, keepdim=True)
+    K = rows.shape[-1]
+    excluded_id = excluded_id % K
+    parts = [part.amax(-1, keepdim=True) for part in (rows[:, :excluded_id], rows[:, excluded_id + 1:])
+             if part.shape[-1]]
+    return torch.maximum(*parts) if len(parts) == 2 else parts[0]
+
+
+def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, loss_type: str = 'kl-bwd',
+                    reuse_logits: bool = False) -> torch.Tensor:
     """Per-token KL between student and teacher predictions (B, L, K) -> (B, L), at least float32.
 
     kl-bwd = KL(p_student || p_teacher) (DCD default); kl-fwd = KL(p_teacher || p_student).
     Fused and chunked like softmax_stats: no (B, L, K) float32 intermediate is kept.
+    `reuse_logits` applies to the student's logits (see the module docstring).
     """
     if loss_type not in ('kl-bwd', 'kl-fwd'):
         raise ValueError(f"algo.loss_type={loss_type!r} is unknown; use kl-bwd or kl-fwd (e.g. algo.loss_type=kl-bwd)")
-    return _ChunkedKL.apply(student_logits, teacher_logits, loss_type == 'kl-bwd')
+    return _ChunkedKL.apply(student_logits, teacher_logits, loss_type == 'kl-bwd', reuse_logits)
 
 
 class _ChunkedKL(torch.autograd.Function):
-    """KL(p_s || p_t) (backward=True) or KL(p_t || p_s) per row of the logits, CHUNK_ROWS rows at a time.
+    """KL(p_s || p_t) (backward=True) or KL(p_t || p_s) per row of the logits, block_rows() rows at a time.
 
     With p = softmax(student), q = softmax(teacher) and D the row's KL:
     KL(p || q): dD/ds = p (log p - log q - D),  dD/dt = q - p;
@@ -158,19 +255,19 @@ class _ChunkedKL(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student, teacher, backward_kl):
+    def forward(ctx, student, teacher, backward_kl, reuse):
         K = student.shape[-1]
         s_rows, t_rows = student.reshape(-1, K), teacher.reshape(-1, K)
         dtype = torch.promote_types(torch.promote_types(student.dtype, teacher.dtype), torch.float32)
         kl = torch.empty(s_rows.shape[0], device=student.device, dtype=dtype)
-        for sl in _chunks(s_rows.shape[0]):
+        for sl, _ in _blocks(s_rows, None):
             log_p, log_q = torch.log_softmax(s_rows[sl].to(dtype), -1), torch.log_softmax(t_rows[sl].to(dtype), -1)
             if backward_kl:
                 kl[sl] = (log_p.exp() * (log_p - log_q)).sum(-1)
             else:
                 kl[sl] = (log_q.exp() * (log_q - log_p)).sum(-1)
         ctx.save_for_backward(student, teacher, kl)
-        ctx.backward_kl = backward_kl
+        ctx.backward_kl, ctx.reuse = backward_kl, _may_overwrite(student, reuse)
         return kl.reshape(student.shape[:-1])
 
     @staticmethod
@@ -180,9 +277,11 @@ class _ChunkedKL(torch.autograd.Function):
         s_rows, t_rows = student.reshape(-1, K), teacher.reshape(-1, K)
         g_rows, kl_rows = grad_kl.reshape(-1, 1), kl.reshape(-1, 1)
         want_s, want_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_s = torch.empty_like(s_rows) if want_s else None
+        grad_s = None
+        if want_s:  # as in _SoftmaxStats: a block is read before its gradient is written
+            grad_s = s_rows if ctx.reuse or s_rows.data_ptr() != student.data_ptr() else torch.empty_like(s_rows)
         grad_t = torch.empty_like(t_rows) if want_t else None
-        for sl in _chunks(s_rows.shape[0]):
+        for sl, _ in _blocks(s_rows, None):
             log_p, log_q = torch.log_softmax(s_rows[sl].to(kl.dtype), -1), torch.log_softmax(t_rows[sl].to(kl.dtype), -1)
             p, q = log_p.exp(), log_q.exp()
             if ctx.backward_kl:
@@ -196,5 +295,5 @@ class _ChunkedKL(torch.autograd.Function):
             if want_t:
                 grad_t[sl] = (g_rows[sl] * d_t).to(grad_t.dtype)
         return (grad_s.reshape(student.shape) if want_s else None,
-                grad_t.reshape(teacher.shape) if want_t else None, None)
+                grad_t.reshape(teacher.shape) if want_t else None, None, None)
 

@@ -11,11 +11,11 @@ returns LOGITS, so that the samplers only touch the (rows, K) slices they need:
 - absorbing step: which masked tokens unmask does not depend on x̂, so it is decided first, and
   the network runs only on the sequences that have a token to fill (`cache=True`).
 
-Categorical draws are Gumbel-max over the logits with noise drawn in float64 by default (low-
-precision noise truncates the Gumbel tail and lowers sample entropy), in row chunks of bounded size.
+Categorical draws are (two-level) Gumbel-max over the logits with noise drawn in float64 by
+default (low-precision noise truncates the Gumbel tail and lowers sample entropy), in row chunks
+of bounded size.
 """
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 KINDS = ('uniform', 'absorbing')
@@ -62,17 +62,54 @@ def _row_chunks(n_rows: int, width: int, device) -> list[tuple[int, int]]:
 def gumbel_argmax(logits: torch.Tensor, generator=None, use_float64: bool = True) -> torch.Tensor:
     """One draw per row of softmax(logits): logits (N, K), -inf allowed -> ids (N,) int64.
 
-    argmax(logits + G) with G = -log(-log U), U ~ U(0, 1) (a standard Gumbel). U is clamped into
-    [tiny, 1 - eps] so that G is finite and a -inf logit can never win.
+    Gumbel-max in two levels, so that a row needs about 2 sqrt(K) Gumbel draws instead of K:
+    the classes are split into consecutive groups of W (the last one shorter when W does not
+    divide K); a group g is drawn by Gumbel-max over the groups' log masses log M_g (M_g = sum
+    of exp(l_j) over the group), then a class j inside it by Gumbel-max over the group's logits.
+    P(g) P(j | g) = (M_g / M)(exp(l_j) / M_g) = softmax(l)_j: the distribution of one Gumbel-max
+    over all K classes. The noise is float64 when use_float64 (low-precision noise truncates the
+    Gumbel tail and lowers sample entropy); the log masses are float32 logsumexps (a relative
+    error of about 1e-7, no truncation).
     """
+    N, K = logits.shape
     dtype = torch.float64 if use_float64 else torch.float32
-    info = torch.finfo(dtype)
-    out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
-    for start, end in _row_chunks(logits.shape[0], logits.shape[1], logits.device):
-        noise = torch.empty((end - start, logits.shape[1]), dtype=dtype, device=logits.device)
-        noise.uniform_(generator=generator).clamp_(info.tiny, 1 - info.eps).log_().neg_().log_().neg_()
-        out[start:end] = noise.add_(logits[start:end]).argmax(-1)
+    width = _group_width(K)
+    full = K // width * width
+    out = torch.empty(N, dtype=torch.long, device=logits.device)
+    for start, end in _row_chunks(N, K, logits.device):
+        rows = logits[start:end]
+        if rows.dtype not in (torch.float32, torch.float64):
+            rows = rows.float()
+        log_mass = _log_group_masses(rows[:, :full].reshape(-1, full // width, width))
+        if full < K:
+            log_mass = torch.cat([log_mass, _log_group_masses(rows[:, None, full:])], dim=1)
+        group = _add_gumbel(log_mass.to(dtype), generator).argmax(-1)  # (n,) a group of -inf logits: -inf
+        cols = group[:, None] * width + torch.arange(width, device=rows.device)  # (n, W)
+        outside = cols >= K  # the last, shorter group
+        inside = rows.gather(1, cols.clamp_(max=K - 1)).to(dtype).masked_fill_(outside, float('-inf'))
+        out[start:end] = cols.gather(1, _add_gumbel(inside, generator).argmax(-1, keepdim=True))[:, 0]
     return out
+
+
+def _log_group_masses(groups: torch.Tensor) -> torch.Tensor:
+    """log sum exp over the last dim of (n, G, W) logits, each group shifted by its own max (no
+    underflow; a group of -inf logits gets -inf). Faster than torch.logsumexp on small groups."""
+    top = groups.amax(-1, keepdim=True)
+    top = torch.where(top.isfinite(), top, torch.zeros_like(top))
+    return (groups - top).exp_().sum(-1).log_().add_(top[..., 0])
+
+
+def _group_width(K: int) -> int:
+    """Classes per group of gumbel_argmax: about sqrt(K) (fewest draws per row)."""
+    return max(1, round(K ** 0.5))
+
+
+def _add_gumbel(x: torch.Tensor, generator) -> torch.Tensor:
+    """In place: x + G, G = -log(-log U) standard Gumbel noise of x's dtype. U is clamped into
+    [tiny, 1 - eps] so that G is finite and a -inf entry can never win an argmax."""
+    info = torch.finfo(x.dtype)
+    noise = torch.empty_like(x).uniform_(generator=generator).clamp_(info.tiny, 1 - info.eps)
+    return x.add_(noise.log_().neg_().log_().neg_())
 
 
 def top_k_filter_(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -105,15 +142,16 @@ def nucleus_filter_(logits: torch.Tensor, p_nucleus: float) -> torch.Tensor:
 def neg_log_prob_at(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """-log softmax(logits)[ids] per row: logits (N, K) any float dtype, ids (N,) -> (N,) float64.
 
-    Cross-entropy in row chunks of at least float32: its fused log-softmax kernel reads each row
-    twice, which is cheaper than a separate max / exp / sum (and it handles -inf logits).
+    log_softmax in row chunks of at least float32: its fused kernel is cheaper than a separate
+    max / exp / sum (and handles -inf logits); the picked values are gathered from it (cross
+    entropy's nll_loss with reduction='none' adds a slow serial pass on the CPU).
     """
     out = torch.empty(logits.shape[0], dtype=torch.float64, device=logits.device)
     for start, end in _row_chunks(logits.shape[0], logits.shape[1], logits.device):
         chunk = logits[start:end]
         if chunk.dtype not in (torch.float32, torch.float64):
             chunk = chunk.float()
-        out[start:end] = F.cross_entropy(chunk, ids[start:end], reduction='none')
+        out[start:end] = torch.log_softmax(chunk, -1).gather(1, ids[start:end, None])[:, 0].neg_()
     return out
 
 

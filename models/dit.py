@@ -248,11 +248,14 @@ class DiTFinalLayer(nn.Module):
         self.linear = _zero_linear(dim, vocab_size)
         self.adaLN_modulation = _zero_linear(cond_dim, 2 * dim) if adaLN else None
 
-    def forward(self, x, c):
+    def forward(self, x, c, rows=None):
+        """Logits (B, L, K) of x (B, L, d), or (n, K) of the n positions where `rows` (B, L) is True."""
         h = self.norm_final(x)
         if self.adaLN_modulation is not None:
             shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=2)
             h = modulate(h, shift, scale)
+        if rows is not None:
+            h = h[rows]
         return self.linear(h)
 
 
@@ -302,7 +305,7 @@ class DiT(nn.Module):
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None) -> torch.Tensor:
+                kv_cache: KVCache | None = None, output_rows: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, L, K) in the compute dtype (float32, or the autocast dtype).
 
         x: int ids (B, L), or float weights (B, L, K) whose rows are distributions over the
@@ -310,12 +313,16 @@ class DiT(nn.Module):
         by the non-causal model and ignored by the causal one. attention_mask: (B, L), 1 = token,
         0 = padding, masked out as keys. kv_cache (causal only): x holds the next tokens after
         the kv_cache.length cached ones; their keys/values are appended and only their logits
-        returned.
+        returned. output_rows: (B, L) bool; only the logits of those positions are computed and
+        returned, as (n, K) in row-major order (every position is still attended to).
         """
         B, L = x.shape[:2]
         start = 0 if kv_cache is None else kv_cache.length
         if kv_cache is not None:
             self._check_cache(kv_cache, L, attention_mask)
+        if output_rows is not None and (output_rows.dtype != torch.bool or output_rows.shape != (B, L)):
+            raise ValueError(f'output_rows must be a bool mask of shape {(B, L)} (the positions whose '
+                             f'logits are wanted), got {output_rows.dtype} {tuple(output_rows.shape)}')
         if x.is_floating_point() and (x.dim() != 3 or x.shape[-1] != self.vocab_size):
             raise ValueError(f'float input must be weights (B, L, K={self.vocab_size}) over the '
                              f'vocabulary, got shape {tuple(x.shape)}')
@@ -335,7 +342,7 @@ class DiT(nn.Module):
             h = block(h, c, cos, sin, layer_attend)
         if kv_cache is not None:
             kv_cache.length = start + L
-        return self.output_layer(h, c)
+        return self.output_layer(h, c, output_rows)
 
     def _check_cache(self, kv_cache, length, attention_mask):
         if not self.causal:

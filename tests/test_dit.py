@@ -391,3 +391,28 @@ def test_forced_flash_raises_here_and_choice_is_logged(caplog):
         model = DiT(K, D, C, 1, HEADS, MAX_LEN, attn_backend='auto')
     assert model.attn_backend == 'sdpa'
     assert any('sdpa' in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize('training', [False, True])
+def test_output_rows_are_the_rows_of_the_full_logits(training):
+    model = small_model().train(training)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, K, (2, MAX_LEN), generator=g)
+    sigma = torch.tensor([0.3, 1.2])
+    rows = torch.rand(2, MAX_LEN, generator=g) < 0.4
+    target = torch.randn(int(rows.sum()), K, generator=g)
+    grads = []
+    for selected in (False, True):
+        model.zero_grad()
+        logits = model(x, sigma, output_rows=rows) if selected else model(x, sigma)[rows]
+        (logits * target).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        if selected:
+            assert logits.shape == (int(rows.sum()), K)
+            torch.testing.assert_close(logits, full, rtol=1e-6, atol=1e-6)
+        else:
+            full = logits.detach()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match='output_rows'):
+        model(x, sigma, output_rows=rows.long())

@@ -238,8 +238,11 @@ def test_gaussian_curriculum_alpha_dalpha():
 
 # ---------------------------------------------------------------------------------------------
 # relaxed Gaussian latent (DUO curriculum input)
-def test_relaxed_latent_is_the_tempered_softmax_of_the_gaussian_latent():
-    K, B, L = 7, 3, 40
+@pytest.mark.parametrize('K, chunk_rows', [(7, None), (7, 3), (10, 5)])
+def test_relaxed_latent_is_the_tempered_softmax_of_the_gaussian_latent(monkeypatch, K, chunk_rows):
+    """Also in blocks (chunk_rows): they draw exactly the numbers of one randn(B, L, K)."""
+    monkeypatch.setattr(losses, 'CHUNK_ROWS', chunk_rows)
+    B, L = 3, 40
     x0 = torch.randint(0, K, (B, L), generator=torch.Generator().manual_seed(0))
     gamma = torch.tensor([-3.0, -1.0, 2.0])
     tau = 0.7
@@ -373,6 +376,22 @@ def test_shared_noise_latents_marginals_and_coupling():
         agree.append(p)
     # coincidence grows as s -> t
     assert agree[0] == 1.0 and agree[1] > agree[2]
+
+
+@pytest.mark.parametrize('chunk_rows', [None, 3])
+def test_shared_noise_latents_are_argmaxes_of_one_randn_draw(monkeypatch, chunk_rows):
+    monkeypatch.setattr(losses, 'CHUNK_ROWS', chunk_rows)
+    K, B, L = 10, 3, 30
+    x0 = torch.randint(0, K, (B, L), generator=torch.Generator().manual_seed(6))
+    gamma_t, gamma_s = torch.tensor([-1.0, 0.5, 2.0]), torch.tensor([-2.0, 0.0, -1.0])
+    torch.manual_seed(7)
+    zt, zs = diffusion.shared_noise_latents(x0, gamma_t, gamma_s, K)
+    torch.manual_seed(7)
+    eps = torch.randn(B, L, K)  # SPEC §5: z = argmax(alpha~ x + sigma~ eps), one eps for both
+    one_hot = torch.nn.functional.one_hot(x0, K)
+    for z, gamma in ((zt, gamma_t), (zs, gamma_s)):
+        g = gamma[:, None, None]
+        assert torch.equal(z, (torch.sigmoid(-g).sqrt() * one_hot + torch.sigmoid(g).sqrt() * eps).argmax(-1))
 
 
 # ---------------------------------------------------------------------------------------------

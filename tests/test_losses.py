@@ -462,3 +462,132 @@ def test_no_logit_sized_intermediate_is_saved_for_backward():
             fn()
         large = [t for t in saved if t.numel() >= B * (L - 1) * K]
         assert large and all(t.untyped_storage().data_ptr() in inputs for t in large)
+
+
+# ---------------------------------------------------------------------------------------------
+# Performance paths: blocks of any size, statistics of selected rows only, gradient in place
+def _reference_losses(logits, x0, xt_u, xt_m, alpha, dalpha, mask_id):
+    """The three losses written the plain way (full log-softmax), for comparison with the kernels."""
+    K = logits.shape[-1]
+    masked_logits = logits.masked_fill(torch.arange(K) == mask_id, float('-inf'))
+    log_p_m = masked_logits.log_softmax(-1)
+    ar = -log_p_m[:, :-1].gather(-1, x0[:, 1:, None])[..., 0]
+    mdlm = torch.where(xt_m == mask_id, dalpha / (1 - alpha) * log_p_m.gather(-1, x0[..., None])[..., 0], 0.0)
+    a, b = K * alpha, 1 - alpha
+    xbt = a[..., None] * logits.softmax(-1) + b[..., None]
+    xbt_i, xbt_m = xbt.gather(-1, xt_u[..., None])[..., 0], xbt.gather(-1, x0[..., None])[..., 0]
+    xbar_i = b + a * (xt_u == x0)
+    sum_xbar_log_xbar = (K - 1) * torch.xlogy(b, b) + torch.xlogy(a + b, a + b)
+    sum_term = (K * (xbt_i.log() - xbar_i.log()) + sum_xbar_log_xbar - b * xbt.log().sum(-1) - a * xbt_m.log()) / xbar_i
+    duo = dalpha / (K * alpha) * (K / xbar_i - K / xbt_i - sum_term)
+    return ar, mdlm, duo
+
+
+def _loss_inputs(B=3, L=10, K=53, seed=10):
+    g = torch.Generator().manual_seed(seed)
+    mask_id = K - 1
+    x0 = torch.randint(0, K - 1, (B, L), generator=g)
+    xt_u = torch.where(torch.rand(B, L, generator=g) < 0.5, x0, torch.randint(0, K, (B, L), generator=g))
+    xt_m = torch.where(torch.rand(B, L, generator=g) < 0.5, x0, mask_id)
+    alpha = torch.rand(B, 1, generator=g, dtype=torch.float64) * 0.8 + 0.1
+    dalpha = -torch.rand(B, 1, generator=g, dtype=torch.float64) - 0.5
+    hidden = torch.randn(B, L, 8, generator=g, dtype=torch.float64)
+    weight = torch.randn(8, K, generator=g, dtype=torch.float64)
+    return x0, xt_u, xt_m, alpha, dalpha, mask_id, hidden, weight
+
+
+def _kernel_losses(logits, x0, xt_u, xt_m, alpha, dalpha, mask_id, reuse=False):
+    return (losses.ar_nll(logits, x0, excluded_id=mask_id, reuse_logits=reuse),
+            losses.mdlm_loss(logits, x0, xt_m, alpha, dalpha, mask_id, reuse_logits=reuse),
+            losses.duo_loss(logits, x0, xt_u, alpha, dalpha, reuse_logits=reuse))
+
+
+@pytest.mark.parametrize('chunk_rows', [None, 1, 4, 7, 1000])
+def test_kernels_match_plain_losses_for_any_block_size(monkeypatch, chunk_rows):
+    """Values and gradients of the blocked kernels (MDLM: masked rows only) equal the plain formulas."""
+    monkeypatch.setattr(losses, 'CHUNK_ROWS', chunk_rows)
+    x0, xt_u, xt_m, alpha, dalpha, mask_id, hidden, weight = _loss_inputs()
+    for i in range(3):
+        logits = (hidden @ weight).requires_grad_(True)
+        got = _kernel_losses(logits, x0, xt_u, xt_m, alpha, dalpha, mask_id)[i]
+        grad, = torch.autograd.grad(got.sum(), logits)
+        plain = logits.detach().clone().requires_grad_(True)
+        ref = _reference_losses(plain, x0, xt_u, xt_m, alpha, dalpha, mask_id)[i]
+        ref_grad, = torch.autograd.grad(ref.sum(), plain)
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-10)
+
+
+def test_block_rows_default_by_device(monkeypatch):
+    monkeypatch.setattr(losses, 'CHUNK_ROWS', None)
+    assert losses.block_rows(50258, torch.device('cpu')) == losses.CPU_BLOCK_ELEMENTS // 50258
+    assert losses.block_rows(50258, torch.device('meta')) == losses.GPU_BLOCK_ELEMENTS // 50258
+    assert losses.block_rows(10 ** 9, torch.device('cpu')) == 1
+    monkeypatch.setattr(losses, 'CHUNK_ROWS', 5)
+    assert losses.block_rows(50258, torch.device('cpu')) == 5
+
+
+@pytest.mark.parametrize('chunk_rows', [None, 3])
+def test_reuse_logits_gives_the_same_gradients_in_the_logits_memory(monkeypatch, chunk_rows):
+    """reuse_logits=True: the backward leaves the gradient in the logits' memory; gradients unchanged."""
+    monkeypatch.setattr(losses, 'CHUNK_ROWS', chunk_rows)
+    x0, xt_u, xt_m, alpha, dalpha, mask_id, hidden, weight = _loss_inputs()
+    student_teacher = torch.randn(hidden.shape[:-1] + (weight.shape[1],), dtype=torch.float64)
+    kernels = [lambda lg, r, i=i: _kernel_losses(lg, x0, xt_u, xt_m, alpha, dalpha, mask_id, reuse=r)[i]
+               for i in range(3)]
+    kernels += [lambda lg, r, t=t: losses.distillation_kl(lg, student_teacher, t, reuse_logits=r)
+                for t in ('kl-bwd', 'kl-fwd')]
+    for fn in kernels:
+        grads = []
+        for reuse in (False, True):
+            w = weight.clone().requires_grad_(True)
+            logits = hidden @ w  # computed in the graph, like the network's output
+            if not reuse:
+                logits.retain_grad()
+            fn(logits, reuse).sum().backward()
+            if reuse:
+                torch.testing.assert_close(logits.detach(), expected_logit_grad, rtol=0, atol=0)
+            else:
+                expected_logit_grad = logits.grad.clone()
+            grads.append(w.grad)
+        torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+
+
+def test_reuse_logits_leaves_leaf_tensors_and_plain_calls_alone():
+    x0, xt_u, xt_m, alpha, dalpha, mask_id, hidden, weight = _loss_inputs()
+    leaf = (hidden @ weight).requires_grad_(True)
+    before = leaf.detach().clone()
+    for loss in _kernel_losses(leaf, x0, xt_u, xt_m, alpha, dalpha, mask_id, reuse=True):
+        loss.sum().backward()
+    assert torch.equal(leaf.detach(), before)
+    w = weight.clone().requires_grad_(True)
+    logits = hidden @ w
+    _kernel_losses(logits, x0, xt_u, xt_m, alpha, dalpha, mask_id)[2].sum().backward()  # default: no reuse
+    assert torch.equal(logits.detach(), before)
+
+
+def test_reuse_logits_misuse_is_an_error_not_a_wrong_gradient():
+    """Another node that saved the logits sees them overwritten: autograd raises instead of using them."""
+    x0, xt_u, xt_m, alpha, dalpha, mask_id, hidden, weight = _loss_inputs()
+    logits = hidden @ weight.clone().requires_grad_(True)
+    other = (logits ** 2).sum()  # saves the logits for its backward; runs after the loss's node
+    loss = losses.duo_loss(logits, x0, xt_u, alpha, dalpha, reuse_logits=True).sum()
+    with pytest.raises(RuntimeError, match='modified by an inplace operation'):
+        (loss + other).backward()
+
+
+def test_mdlm_loss_on_the_masked_rows_only_equals_the_full_logits():
+    x0, xt_u, xt_m, alpha, dalpha, mask_id, hidden, weight = _loss_inputs()
+    masked = xt_m == mask_id
+    results = []
+    for compact in (False, True):
+        w = weight.clone().requires_grad_(True)
+        logits = (hidden[masked] if compact else hidden) @ w
+        loss = losses.mdlm_loss(logits, x0, xt_m, alpha, dalpha, mask_id, reuse_logits=compact)
+        loss.sum().backward()
+        results.append((loss.detach(), w.grad))
+    assert results[1][0].shape == x0.shape and torch.equal(results[1][0] == 0, ~masked)
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match='masked positions'):
+        losses.mdlm_loss(hidden[masked][1:] @ weight, x0, xt_m, alpha, dalpha, mask_id)

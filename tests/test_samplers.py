@@ -325,6 +325,29 @@ def test_gumbel_argmax_draws_the_softmax(use_float64):
     assert chi_square_pvalue(counts, logits.double().softmax(0)) > 1e-3
 
 
+@pytest.mark.parametrize('use_float64', [True, False])
+def test_two_level_gumbel_argmax_draws_the_softmax_with_a_ragged_last_group(use_float64):
+    # K = 38: groups of 6 and a last group of 2; whole groups of -inf, a peaked and a flat part
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(38, generator=g) * 2
+    logits[6:12] = float('-inf')     # one whole group can never be drawn
+    logits[37] = float('-inf')       # half of the last group
+    logits[20] = 4.0
+    assert samplers._group_width(38) == 6
+    n = 200_000
+    ids = samplers.gumbel_argmax(logits.expand(n, 38), torch.Generator().manual_seed(1), use_float64)
+    counts = torch.bincount(ids, minlength=38).double()
+    assert chi_square_pvalue(counts, logits.double().softmax(0)) > 1e-3
+
+
+def test_gumbel_argmax_rows_are_drawn_independently_of_their_neighbours():
+    # each row its own distribution (one certain class per row, in a different group each time)
+    K = 50
+    logits = torch.full((K, K), float('-inf'))
+    logits[torch.arange(K), torch.arange(K).flip(0)] = 0.0
+    assert torch.equal(samplers.gumbel_argmax(logits), torch.arange(K).flip(0))
+
+
 def test_row_chunks(monkeypatch):
     monkeypatch.setattr(samplers, 'CHUNK_ELEMENTS', {'cpu': 10})
     logits = torch.full((7, 5), float('-inf'))
