@@ -224,18 +224,15 @@ def final_layer_bytes(s: ModelShape, half: bool) -> int:
     return per_d * d
 
 
-# (B, L, K) tensors in the compute dtype alive at the peak of the loss's backward: the logits
-# and their gradient from the fused softmax statistics, plus, for losses that also gather the
-# logits at given ids (DUO at z_t and x0, MDLM and AR at x0), the dense gradient each gather
-# scatters back and the buffer autograd sums them into (two more buffers, measured on the CPU
-# with the profiler's memory timeline). The distillation KL has no gather: the student's
-# logits, their gradient and one more (measured).
-LOGIT_BUFFERS = {'duo': 4, 'duo_base': 4, 'mdlm': 4, 'ar': 4, 'distillation': 3}
-
-# Float32 (CHUNK_ROWS, K) temporaries alive at once in the losses' chunked backward (losses.py):
-# DUO's softmax statistics hold p, g, a p / f and two products; MDLM/AR's log Z holds p, g and a
-# log-softmax buffer; the distillation KL holds log p, log q, p, q and three products.
-LOSS_CHUNK_BUFFERS = {'duo': 5, 'duo_base': 5, 'mdlm': 3, 'ar': 3, 'distillation': 7}
+# (B, L, K) tensors in the compute dtype alive at the peak of the loss's backward, and float32
+# (block rows, K) temporaries of the losses' blocked kernels (losses.py) alive with them. Fitted
+# to the CPU profiler's memory timeline at two batch sizes (bf16 autocast, K = 8000; within 1%
+# for DUO and MDLM, 3% for AR): the losses write the gradient into the logits' memory
+# (reuse_logits), so what remains is the logits, the output layer's input-gradient product and
+# one cast copy; the blocked kernels keep at most two row blocks alive. The distillation KL
+# (not re-measured since) is counted as before: three buffers and seven blocks.
+LOGIT_BUFFERS = {'duo': 3, 'duo_base': 3, 'mdlm': 3, 'ar': 3, 'distillation': 3}
+LOSS_CHUNK_BUFFERS = {'duo': 2, 'duo_base': 2, 'mdlm': 1, 'ar': 1, 'distillation': 7}
 
 
 @dataclass
@@ -247,15 +244,15 @@ class MemoryEstimate:
         return ', '.join(f'{k} {v / GIB:.2f}' for k, v in self.parts.items() if v) + ' (GiB)'
 
 
-def _chunk_rows(K: int) -> int:
-    """Rows per block of the losses' fused kernels on a GPU (losses.block_rows)."""
+def _chunk_rows(K: int, device: str = 'cuda') -> int:
+    """Rows per block of the losses' fused kernels on `device` (losses.block_rows)."""
     import losses
     import torch
-    return losses.block_rows(K, torch.device('cuda'))
+    return losses.block_rows(K, torch.device(device))
 
 
 def train_step_bytes(s: ModelShape, batch: int, precision: str, algo: str, world: int = 1,
-                     ema: bool = True, mask_bytes: int = 1) -> MemoryEstimate:
+                     ema: bool = True, mask_bytes: int = 1, device: str = 'cuda') -> MemoryEstimate:
     """Peak bytes on one device for a training step with `batch` sequences of `s.length` tokens.
 
     Assumptions (see also block_activation_bytes):
@@ -263,9 +260,9 @@ def train_step_bytes(s: ModelShape, batch: int, precision: str, algo: str, world
       and the EMA copy = 20 bytes per parameter (16 without EMA); the distillation teacher adds a
       float32 copy; DDP adds its gradient buckets (a float32 copy of the gradients).
     - under mixed precision autocast keeps a half copy of every Linear weight for backward.
-    - the peak is in the loss's backward pass: every activation is alive, plus the logits
-      (B, L, K) in the compute dtype and the gradient buffers of LOGIT_BUFFERS, the loss's
-      float32 chunk temporaries and the output layer's weight gradient in the compute dtype.
+    - the peak is in the loss's backward pass: every activation is alive, plus the (B, L, K)
+      buffers of LOGIT_BUFFERS in the compute dtype, the loss's float32 block temporaries (block
+      rows of `device`) and the output layer's weight gradient in the compute dtype.
     - algo=duo (curriculum) also keeps its relaxed one-hot input (B, L, K) float32 for the
       embedding's gradient; distillation keeps the teacher's logits.
     - the optimizer step's peak (states plus one float32 temporary per parameter in foreach
@@ -286,7 +283,7 @@ def train_step_bytes(s: ModelShape, batch: int, precision: str, algo: str, world
              'activations': tokens * (s.n_blocks * block_activation_bytes(s, half, mask_bytes)
                                       + final_layer_bytes(s, half) + 8),
              'logits+grads': LOGIT_BUFFERS.get(algo, 4) * h * K * tokens + h * K * s.hidden_size,
-             'loss temporaries': LOSS_CHUNK_BUFFERS.get(algo, 7) * 4 * K * min(tokens, _chunk_rows(K))}
+             'loss temporaries': LOSS_CHUNK_BUFFERS.get(algo, 7) * 4 * K * min(tokens, _chunk_rows(K, device))}
     if algo == 'duo':
         parts['relaxed input'] = 4 * K * tokens
     elif algo == 'distillation':

@@ -93,7 +93,7 @@ def test_plans_order_by_memory_and_algorithm():
 
 def test_a_model_that_cannot_fit_is_an_error_naming_the_fix():
     with pytest.raises(hardware.PlanError, match='smaller --model or --length, or one GPU'):
-        hardware.plan_batch(hardware.preset('t4x2'), shape('medium'), 'duo_base', '16', 64)
+        hardware.plan_batch(hardware.preset('t4x2'), shape('medium', length=2048), 'duo_base', '16', 64)
     with pytest.raises(hardware.PlanError, match='not divisible by the 2 devices'):
         hardware.plan_batch(hardware.preset('t4x2'), shape('tiny'), 'duo_base', '16', 63)
     with pytest.raises(hardware.PlanError, match=r'must divide .* \[1, 2, 4, 8, 16, 32\]'):
@@ -206,7 +206,7 @@ def test_training_step_peak_matches_the_profiler(tmp_path):
     _, sizes = json.loads(timeline.read_text())
     measured = max(sum(s) for s in sizes)
     s = hardware.ModelShape(d, 64, 2, 4, L, K, 0.1)
-    estimate = hardware.train_step_bytes(s, B, 'bf16', algo, mask_bytes=2).total
+    estimate = hardware.train_step_bytes(s, B, 'bf16', algo, mask_bytes=2, device='cpu').total
     assert estimate == pytest.approx(measured, rel=0.05)
 
 
@@ -322,7 +322,7 @@ def test_overrides_after_data_files_and_model_overrides_are_honoured(capsys, tmp
     (['--dry-run', '--assume-gpu', 'cpu', '--subset', '1'], '--subset=1 must be an integer >= 2'),
     (['--dry-run', '--stages', 'train,deploy'], '--stages=train,deploy'),
     (['--dry-run', '--assume-gpu', 'cpu', 'model.nope=3'], 'nope'),
-    (['--dry-run', '--assume-gpu', 't4x2', '--model', 'medium', '--length', '1024'], 'smaller --model'),
+    (['--dry-run', '--assume-gpu', 't4x2', '--model', 'medium', '--length', '2048'], 'smaller --model'),
 ])
 def test_bad_arguments_fail_with_one_clear_line(capsys, argv, message):
     assert kaggle_train.main(argv) == 2

@@ -169,28 +169,29 @@ def wait_for_step(ckpt_dir: Path, step: int, since: float, timeout: float = 90) 
 @pytest.mark.slow
 @pytest.mark.parametrize('algo,kills', [('ar', 1), ('mdlm', 1), ('duo_base', 1), ('duo', 4)])
 def test_sigkill_at_random_moments_then_rerun_equals_an_uninterrupted_run(runner, corpus, tmp_path, algo, kills):
-    """SIGKILL at random moments (kill 1 of duo lands before its curriculum ends, later ones after);
+    """SIGKILL at random moments (duo's first kill lands before its curriculum ends at step 6, later ones after);
     re-running the same command resumes from last.ckpt, and the final state equals that of a run
     never interrupted: weights, optimizer, EMA, schedule and data position."""
     rng = random.Random(f'{algo}-{kills}')
     straight = train_args(corpus, tmp_path / 'straight', algo) + [f'trainer.max_steps={MAX_STEPS}']
-    began = time.monotonic()
     assert runner.run(straight, tmp_path / 'straight.log') == 0
-    duration = time.monotonic() - began
 
     run_dir = tmp_path / 'killed'
+    ckpts = run_dir / 'checkpoints'
     argv = train_args(corpus, run_dir, algo) + [f'trainer.max_steps={MAX_STEPS}']
-    step_time = duration / MAX_STEPS  # an over-estimate: it includes the start-up
     step = killed = 0
-    for target in sorted(rng.sample(range(1, MAX_STEPS - 4), kills)):
+    for target in sorted(rng.sample(range(1, MAX_STEPS - 4), kills)):  # the kill lands in step target + 2 or later
         began = time.time()
         pid = runner.start(argv, tmp_path / 'killed.log')
-        if wait_for_step(run_dir / 'checkpoints', max(target, step + 1), began):
-            time.sleep(rng.uniform(0, 1) * step_time)  # anywhere in the next step(s), saves included
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:  # it has just finished
-                pass
+        first = max(target, step + 1)
+        if wait_for_step(ckpts, first, began):
+            seen = time.monotonic()
+            if wait_for_step(ckpts, first + 1, began):  # one step, its save included, takes this long now
+                time.sleep(rng.uniform(0, 1) * (time.monotonic() - seen))  # anywhere in the next step
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:  # it has just finished
+                    pass
         code = runner.wait(pid)
         assert code in (-signal.SIGKILL, 0)  # 0: it finished first
         killed += code == -signal.SIGKILL
