@@ -344,10 +344,9 @@ def read_metrics(run_dir):
 
 @pytest.fixture(scope='module')
 def markov_dir(tmp_path_factory):
-    from test_main import markov_text
+    from test_main import write_markov_corpus
     corpus = tmp_path_factory.mktemp('markov')
-    (corpus / 'train.txt').write_text(markov_text(20_000, seed=0))
-    (corpus / 'valid.txt').write_text(markov_text(3_000, seed=1))
+    write_markov_corpus(corpus, 20_000, 3_000)
     return corpus
 
 

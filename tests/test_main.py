@@ -57,13 +57,19 @@ def exact_block_nll(text: str) -> tuple[float, int]:
 @pytest.fixture(scope='module')
 def markov_corpus(tmp_path_factory):
     d = tmp_path_factory.mktemp('markov')
-    (d / 'train.txt').write_text(markov_text(100_000, seed=0))
-    valid = markov_text(30_000, seed=1)
+    valid = write_markov_corpus(d, 100_000, 30_000)
     from dataloader import Text8Tokenizer
     tok = Text8Tokenizer()
     assert tok.decode(tok.encode(valid)) == valid  # the tokenizer sees exactly the chain's text
-    (d / 'valid.txt').write_text(valid)
     return d, valid
+
+
+def write_markov_corpus(d, n_train: int, n_valid: int) -> str:
+    """d/train.txt and d/valid.txt: n_train and n_valid characters of the chain; returns the validation text."""
+    (d / 'train.txt').write_text(markov_text(n_train, seed=0))
+    valid = markov_text(n_valid, seed=1)
+    (d / 'valid.txt').write_text(valid)
+    return valid
 
 
 def run_main(*overrides, check=True, timeout=900):

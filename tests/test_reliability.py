@@ -41,10 +41,9 @@ TINY = ['model=micro', 'model.length=32', 'model.hidden_size=32', 'model.n_heads
 
 @pytest.fixture(scope='module')
 def corpus(tmp_path_factory):
-    from test_main import markov_text
+    from test_main import write_markov_corpus
     d = tmp_path_factory.mktemp('corpus')
-    (d / 'train.txt').write_text(markov_text(12_000, seed=0))
-    (d / 'valid.txt').write_text(markov_text(2_000, seed=1))
+    write_markov_corpus(d, 12_000, 2_000)
     return d
 
 
