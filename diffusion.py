@@ -1,8 +1,8 @@
 """The Lightning module and the algorithms: AR, MDLM, DUO-base, DUO (curriculum) and DCD distillation.
 
 Each algorithm is a small class that turns a clean batch x0 (B, L) into per-token losses (B, L)
-and, for sampling, into a denoiser; the maths lives in losses.py, noise_schedule.py and
-samplers.py. `Diffusion` is the Lightning plumbing around them: optimisation, EMA, seeding,
+and, for sampling, into a denoiser; the maths lives in losses.py, noise_schedule.py, latents.py
+and samplers.py. `Diffusion` is the Lightning plumbing around them: optimisation, EMA, seeding,
 validation metrics and checkpoint extras.
 """
 import copy
@@ -16,6 +16,7 @@ import lightning as L
 import torch
 from omegaconf import OmegaConf
 
+import latents
 import losses
 import noise_schedule
 import samplers
@@ -151,47 +152,13 @@ class DUO(DUOBase):
             return super().loss(module, x0, attention_mask, t, step)
         gamma = self.curriculum.gamma(t)
         alpha, dalpha = self.curriculum.alpha(t)[:, None], self.curriculum.dalpha(t)[:, None]
-        xt, weights = relaxed_gaussian_latent(x0, gamma, self.vocab_size, self.tau(step))
+        xt, weights = latents.relaxed_gaussian_latent(x0, gamma, self.vocab_size, self.tau(step))
         logits = module.backbone(weights, self.sigma(alpha), attention_mask=attention_mask)
         del weights
         return losses.duo_loss(logits, x0, xt, alpha, dalpha, reuse_logits=True), attention_mask
 
     def eval_loss(self, module, x0, attention_mask, t, step):
         return DUOBase.loss(self, module, x0, attention_mask, t, step)
-
-
-def relaxed_gaussian_latent(x0, gamma, vocab_size, tau):
-    """Draw w = alpha~ onehot(x0) + sigma~ eps, eps ~ N(0, I_K); return (argmax w, softmax(w / tau)).
-
-    One (B, L, K) float32 tensor, filled block by block while each block is in cache:
-    eps is drawn, shifted at x0 (argmax(alpha~ x + sigma~ eps) = argmax(eps + (alpha~ / sigma~) x)),
-    its argmax taken, and it becomes the softmax in place. The blocks draw exactly the numbers
-    of one torch.randn(B, L, K) (see _latent_blocks).
-    """
-    alpha_g, sigma_g = noise_schedule.gaussian_alpha_sigma(gamma.float())
-    (B, L), K = x0.shape, vocab_size
-    w = torch.empty(B * L, K, device=x0.device)
-    xt = torch.empty(B * L, dtype=torch.long, device=x0.device)
-    ratio = (alpha_g / sigma_g).repeat_interleave(L)[:, None]  # (B L, 1)
-    scale = (sigma_g / tau).repeat_interleave(L)[:, None]
-    ids = x0.reshape(-1, 1)
-    for sel in _latent_blocks(B * L, K, x0.device):
-        block = w[sel].normal_()
-        block.scatter_add_(1, ids[sel], ratio[sel])
-        top = block.argmax(-1, keepdim=True)  # argmax + gather: cheaper than max(-1) on the CPU
-        xt[sel] = top[:, 0]
-        block.sub_(block.gather(1, top)).mul_(scale[sel]).exp_()  # (w - max w) sigma~ / tau: subtract first, exactly
-        block.mul_(block.sum(-1, keepdim=True).reciprocal_())
-    return xt.view(B, L), w.view(B, L, K)
-
-
-def _latent_blocks(n_rows, K, device):
-    """Row slices of about losses.block_rows(K) rows whose sizes (but the last) are multiples of 16
-    values: torch's CPU normal_ draws in groups of 16, so the blocks draw one randn's stream."""
-    step = losses.block_rows(K, device)
-    multiple = 16 // math.gcd(K, 16)
-    step = max(step // multiple, 1) * multiple
-    return [slice(start, start + step) for start in range(0, n_rows, step)]
 
 
 class Distillation(DUOBase):
@@ -241,7 +208,7 @@ class Distillation(DUOBase):
         t = (t + dt).clamp(0, 1)
         s = t - dt
         g = self.curriculum
-        zt, zs = shared_noise_latents(x0, g.gamma(t), g.gamma(s), self.vocab_size)
+        zt, zs = latents.shared_noise_latents(x0, g.gamma(t), g.gamma(s), self.vocab_size)
         alpha_t, alpha_s = g.alpha(t)[:, None], g.alpha(s)[:, None]
         student = module.backbone(zt, self.sigma(alpha_t), attention_mask=attention_mask)
         with torch.no_grad():
@@ -250,28 +217,6 @@ class Distillation(DUOBase):
 
     def eval_loss(self, module, x0, attention_mask, t, step):
         return DUOBase.loss(self, module, x0, attention_mask, t, step)
-
-
-def shared_noise_latents(x0, gamma_t, gamma_s, vocab_size):
-    """(z_t, z_s) = argmax of alpha~ x + sigma~ eps at gamma_t and gamma_s with one shared eps (B, L, K).
-
-    eps is drawn block by block into one reused (rows, K) buffer: nothing of size (B, L, K).
-    """
-    (B, L), K = x0.shape, vocab_size
-    ratio_t = torch.exp(-gamma_t.float() / 2).repeat_interleave(L)[:, None]  # alpha~ / sigma~ = e^{-gamma / 2}
-    ratio_s = torch.exp(-gamma_s.float() / 2).repeat_interleave(L)[:, None]
-    ids = x0.reshape(-1, 1)
-    zt = torch.empty(B * L, dtype=torch.long, device=x0.device)
-    zs = torch.empty_like(zt)
-    blocks = _latent_blocks(B * L, K, x0.device)
-    buffer = torch.empty(blocks[0].stop - blocks[0].start, K, device=x0.device)
-    for sel in blocks:
-        eps = buffer[:ids[sel].shape[0]].normal_()
-        eps.scatter_add_(1, ids[sel], ratio_t[sel])
-        zt[sel] = eps.argmax(-1)
-        eps.scatter_add_(1, ids[sel], ratio_s[sel] - ratio_t[sel])
-        zs[sel] = eps.argmax(-1)
-    return zt.view(B, L), zs.view(B, L)
 
 
 ALGORITHMS = {'ar': AR, 'mdlm': MDLM, 'duo_base': DUOBase, 'duo': DUO, 'distillation': Distillation}

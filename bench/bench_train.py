@@ -114,8 +114,9 @@ class Reference:
         import torch
         self.torch, self.module, self.algo = torch, module, module.algo
         self.K = module.vocab_size
+        self.device = module.device
 
-    def loss(self, batch, step):
+    def loss(self, batch, step, first):
         torch, algo, module = self.torch, self.algo, self.module
         x0, mask = batch['input_ids'], batch['attention_mask']
         t = module._times(x0.shape[0])
@@ -136,13 +137,12 @@ class Reference:
             log_p[unmasked, xt[unmasked]] = 0
             return dalpha / (1 - alpha) * log_p.gather(-1, x0[..., None])[..., 0], mask
         if name == 'distillation':
-            return self._distillation(x0, mask, t, step)
+            return self._distillation(x0, mask, t, step, first)
         if name == 'duo' and algo.in_curriculum(step):
             alpha, dalpha = algo.curriculum.alpha(t)[:, None], algo.curriculum.dalpha(t)[:, None]
             gamma = algo.curriculum.gamma(t)[:, None, None]
             one_hot = torch.nn.functional.one_hot(x0, self.K)  # int64, as upstream
-            w = torch.sigmoid(-gamma).sqrt() * one_hot + torch.sigmoid(gamma).sqrt() * torch.randn(
-                one_hot.shape, device=x0.device)
+            w = torch.sigmoid(-gamma).sqrt() * one_hot + torch.sigmoid(gamma).sqrt() * self.noise(one_hot.shape, first)
             w = w * (1 / algo.tau(step))
             xt = w.argmax(-1)
             logits = module.backbone(w.softmax(-1).float(), algo.sigma(alpha), attention_mask=mask)
@@ -151,6 +151,14 @@ class Reference:
             xt = algo.corrupt(x0, alpha)
             logits = module.backbone(xt, algo.sigma(alpha), attention_mask=mask)
         return self.duo_loss(logits.log_softmax(-1), x0, xt, alpha, dalpha), mask
+
+    def noise(self, shape, first):
+        """eps ~ N(0, I) of shape (B, L, K): at the first step the numbers ours draws (their losses are
+        compared), then one serial torch.randn like upstream."""
+        if first:
+            import latents
+            return latents.standard_normal(shape[0] * shape[1], shape[2], self.device).view(shape)
+        return self.torch.randn(shape, device=self.device)
 
     def duo_loss(self, log_p, x0, xt, alpha, dalpha):
         """SPEC §4 DUO-base NELBO with the (B, L, K) tensors upstream builds: x̄θ and log x̄θ."""
@@ -165,14 +173,14 @@ class Reference:
         sum_term = (K * (xbt_i.log() - xbar_i.log()) + sum_xbar_log_xbar - b * S - a * xbt_m.log()) / xbar_i
         return dalpha / (K * alpha) * (K / xbar_i - K / xbt_i - sum_term)
 
-    def _distillation(self, x0, mask, t, step):
+    def _distillation(self, x0, mask, t, step, first):
         torch, algo, module = self.torch, self.algo, self.module
         dt = algo.delta(step)
         t = (t + dt).clamp(0, 1)
         s = t - dt
         g = algo.curriculum
         one_hot = torch.nn.functional.one_hot(x0, self.K).float()
-        eps = torch.randn(one_hot.shape, device=x0.device)
+        eps = self.noise(one_hot.shape, first)
         zs = []
         for time_ in (t, s):
             gamma = g.gamma(time_)[:, None, None]
@@ -240,7 +248,7 @@ def worker(spec):
             if reference is None:
                 loss = module.training_step(batch, i)
             else:
-                per_token, weight = reference.loss(batch, module.global_step)
+                per_token, weight = reference.loss(batch, module.global_step, first=i == 0)
                 weight = weight.to(per_token.dtype)
                 loss = (per_token * weight).sum() / weight.sum()
         sync()

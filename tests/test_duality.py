@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from scipy import integrate, special, stats
 
 import diffusion
+import latents
 import losses
 import noise_schedule as ns
 
@@ -239,23 +240,91 @@ def test_gaussian_curriculum_alpha_dalpha():
 # ---------------------------------------------------------------------------------------------
 # relaxed Gaussian latent (DUO curriculum input)
 @pytest.mark.parametrize('K, chunk_rows', [(7, None), (7, 3), (10, 5)])
-def test_relaxed_latent_is_the_tempered_softmax_of_the_gaussian_latent(monkeypatch, K, chunk_rows):
-    """Also in blocks (chunk_rows): they draw exactly the numbers of one randn(B, L, K)."""
+def test_relaxed_latent_is_the_tempered_softmax_of_a_gaussian_latent(monkeypatch, K, chunk_rows):
+    """tau log(weights) = w - c (one c per row) recovers the latent up to a shift; its coordinate
+    differences have the law of alpha~ onehot(x) + sigma~ eps (SPEC §5), also across blocks and streams."""
     monkeypatch.setattr(losses, 'CHUNK_ROWS', chunk_rows)
-    B, L = 3, 40
+    B, L = 3, 4000
     x0 = torch.randint(0, K, (B, L), generator=torch.Generator().manual_seed(0))
     gamma = torch.tensor([-3.0, -1.0, 2.0])
     tau = 0.7
     torch.manual_seed(11)
-    xt, weights = diffusion.relaxed_gaussian_latent(x0, gamma, K, tau)
-    torch.manual_seed(11)
-    eps = torch.randn(B, L, K)  # the same draw: w = alpha~ onehot(x) + sigma~ eps, written from SPEC §5
-    a = torch.sigmoid(-gamma).sqrt()[:, None, None]
-    s = torch.sigmoid(gamma).sqrt()[:, None, None]
-    w = a * torch.nn.functional.one_hot(x0, K) + s * eps
+    xt, weights = latents.relaxed_gaussian_latent(x0, gamma, K, tau)
     assert xt.shape == (B, L) and weights.shape == (B, L, K) and weights.dtype == torch.float32
+    torch.testing.assert_close(weights.sum(-1), torch.ones(B, L))
+    w = tau * weights.double().log()
     assert torch.equal(xt, w.argmax(-1))
-    torch.testing.assert_close(weights, (w / tau).softmax(-1), rtol=1e-5, atol=1e-6)
+    a = torch.sigmoid(-gamma.double()).sqrt()[:, None]
+    s = torch.sigmoid(gamma.double()).sqrt()[:, None]
+    # take the x0 coordinate against the next one, and two other coordinates against each other
+    other = lambda k: torch.gather(w, 2, ((x0 + k) % K)[..., None])[..., 0]
+    at_x = (other(0) - other(1) - a) / s  # ~ N(0, 2)
+    apart = (other(2) - other(3)) / s  # ~ N(0, 2)
+    for diff in (at_x, apart):
+        assert stats.kstest(diff.flatten().numpy() / math.sqrt(2), 'norm').pvalue > 1e-4
+    # independent coordinates and positions: no correlation between disjoint differences
+    for u, v in ((at_x, apart), (apart[:, 1:], apart[:, :-1])):
+        assert abs(np.corrcoef(u.flatten().numpy(), v.flatten().numpy())[0, 1]) < 5 / math.sqrt(u.numel())
+
+
+@pytest.mark.parametrize('chunk_rows', [None, 3])
+def test_gaussian_latents_transform_one_standard_normal_draw(monkeypatch, chunk_rows):
+    """Given the eps they draw (latents.standard_normal from the same seed), the relaxed input is
+    softmax(w / tau) and z_t, z_s the argmaxes of w = alpha~ onehot(x) + sigma~ eps, written from SPEC §5."""
+    monkeypatch.setattr(losses, 'CHUNK_ROWS', chunk_rows)
+    K, B, L = 10, 3, 30
+    x0 = torch.randint(0, K, (B, L), generator=torch.Generator().manual_seed(6))
+    gamma_t, gamma_s = torch.tensor([-1.0, 0.5, 2.0]), torch.tensor([-2.0, 0.0, -1.0])
+    torch.manual_seed(7)
+    xt, weights = latents.relaxed_gaussian_latent(x0, gamma_t, K, 0.3)
+    zt, zs = latents.shared_noise_latents(x0, gamma_t, gamma_s, K)
+    torch.manual_seed(7)
+    eps_relaxed = latents.standard_normal(B * L, K, 'cpu').view(B, L, K)
+    eps_shared = latents.standard_normal(B * L, K, 'cpu').view(B, L, K)
+    one_hot = torch.nn.functional.one_hot(x0, K)
+    w = lambda gamma, eps: (torch.sigmoid(-gamma).sqrt()[:, None, None] * one_hot
+                            + torch.sigmoid(gamma).sqrt()[:, None, None] * eps)
+    assert torch.equal(xt, w(gamma_t, eps_relaxed).argmax(-1))
+    torch.testing.assert_close(weights, (w(gamma_t, eps_relaxed) / 0.3).softmax(-1), rtol=1e-5, atol=1e-6)
+    assert torch.equal(zt, w(gamma_t, eps_shared).argmax(-1)) and torch.equal(zs, w(gamma_s, eps_shared).argmax(-1))
+
+
+def test_gaussian_latents_reproduce_from_the_seed_whatever_the_thread_count(monkeypatch):
+    monkeypatch.setattr(losses, 'CHUNK_ROWS', 4)  # 30 blocks over the 8 random streams
+    K, B, L = 11, 4, 30
+    x0 = torch.randint(0, K, (B, L), generator=torch.Generator().manual_seed(1))
+    gamma = torch.tensor([-3.0, -1.0, 0.0, 2.0])
+    threads = torch.get_num_threads()
+    draws = []
+    try:
+        for n in (1, 2, 1):
+            torch.set_num_threads(n)
+            torch.manual_seed(5)
+            draws.append((latents.relaxed_gaussian_latent(x0, gamma, K, 0.5),
+                          latents.shared_noise_latents(x0, gamma, gamma - 1, K)))
+    finally:
+        torch.set_num_threads(threads)
+    for (xt, weights), (zt, zs) in draws[1:]:
+        assert torch.equal(xt, draws[0][0][0]) and torch.equal(weights, draws[0][0][1])
+        assert torch.equal(zt, draws[0][1][0]) and torch.equal(zs, draws[0][1][1])
+    # and the blocks of different streams are different draws
+    weights = draws[0][0][1].view(-1, K)
+    assert len({tuple(row.tolist()) for row in weights}) == B * L
+
+
+@pytest.mark.parametrize('K', [3, 16, 50, 99, 50258])
+def test_row_max_is_torch_max_with_first_index_on_ties(K):
+    g = torch.Generator().manual_seed(K)
+    x = torch.randint(0, 4, (64, K), generator=g).float()  # many ties
+    x[5] = 0.0
+    x[6, -1] = 9.0  # the maximum in the leftover columns
+    x[7, :] = 1.0
+    x[7, -1] = 2.0
+    for rows in (x, torch.randn(64, K, generator=g)):
+        values, indices = latents.row_max(rows)
+        expected = rows.max(-1)
+        assert torch.equal(values, expected.values) and torch.equal(indices, expected.indices)
+        assert torch.equal(indices, rows.argmax(-1))
 
 
 def test_relaxed_latent_tends_to_one_hot_of_its_argmax():
@@ -264,7 +333,7 @@ def test_relaxed_latent_tends_to_one_hot_of_its_argmax():
     gamma = torch.tensor([-3.55, -2.5, -1.85, 0.0])
     deviation = []
     for tau in (1.0, 1e-2, 1e-4, 1e-9):
-        xt, weights = diffusion.relaxed_gaussian_latent(x0, gamma, K, tau)
+        xt, weights = latents.relaxed_gaussian_latent(x0, gamma, K, tau)
         deviation.append((weights - torch.nn.functional.one_hot(xt, K)).abs().amax().item())
     assert deviation[0] > 0.1 and deviation[-1] < 1e-6
     assert all(a >= b for a, b in zip(deviation, deviation[1:]))
@@ -276,7 +345,7 @@ def test_relaxed_latent_argmax_is_uniform_state_noise():
     K, L = 5, 60_000
     gamma = torch.tensor([-3.0, -1.0, 0.5, 2.0])
     x0 = torch.randint(0, K, (len(gamma), L))
-    xt, _ = diffusion.relaxed_gaussian_latent(x0, gamma, K, 1.0)
+    xt, _ = latents.relaxed_gaussian_latent(x0, gamma, K, 1.0)
     for row, g in enumerate(gamma.tolist()):
         alpha = quad_alpha(g, K)
         shift = (xt[row] - x0[row]) % K  # 0 = kept; every other offset is one of the K-1 other classes
@@ -316,7 +385,7 @@ def test_curriculum_loss_composes_into_the_exact_duo_loss():
     # pointwise: relaxed input at tau = 1e-9 gives the same logits and loss as the discrete z_t
     x0 = torch.randint(0, K, (512, L))
     gamma = torch.full((512,), -2.7)
-    xt, weights = diffusion.relaxed_gaussian_latent(x0, gamma, K, 1e-9)
+    xt, weights = latents.relaxed_gaussian_latent(x0, gamma, K, 1e-9)
     alpha = ns.gaussian_to_uniform_alpha(gamma, K)[:, None].double()
     dalpha = ns.gaussian_to_uniform_dalpha(gamma, K)[:, None].double() * 1.7
     torch.testing.assert_close(backbone(weights), backbone(xt))
@@ -350,13 +419,15 @@ def test_curriculum_loss_composes_into_the_exact_duo_loss():
 
 # ---------------------------------------------------------------------------------------------
 # distillation latents
-def test_shared_noise_latents_marginals_and_coupling():
+@pytest.mark.parametrize('chunk_rows', [None, 1000])  # one block; 160 blocks over the random streams
+def test_shared_noise_latents_marginals_and_coupling(monkeypatch, chunk_rows):
+    monkeypatch.setattr(losses, 'CHUNK_ROWS', chunk_rows)
     torch.manual_seed(4)
     K, L = 5, 40_000
     gamma_t = torch.tensor([-1.0, -1.0, -1.0, 1.0])
     gamma_s = torch.tensor([-1.0, -1.2, -2.5, -2.0])  # s < t: less noise at s
     x0 = torch.randint(0, K, (len(gamma_t), L))
-    zt, zs = diffusion.shared_noise_latents(x0, gamma_t, gamma_s, K)
+    zt, zs = latents.shared_noise_latents(x0, gamma_t, gamma_s, K)
     assert torch.equal(zt[0], zs[0])  # s = t: the same latent
     rng = np.random.default_rng(0)
     agree = []
@@ -376,22 +447,6 @@ def test_shared_noise_latents_marginals_and_coupling():
         agree.append(p)
     # coincidence grows as s -> t
     assert agree[0] == 1.0 and agree[1] > agree[2]
-
-
-@pytest.mark.parametrize('chunk_rows', [None, 3])
-def test_shared_noise_latents_are_argmaxes_of_one_randn_draw(monkeypatch, chunk_rows):
-    monkeypatch.setattr(losses, 'CHUNK_ROWS', chunk_rows)
-    K, B, L = 10, 3, 30
-    x0 = torch.randint(0, K, (B, L), generator=torch.Generator().manual_seed(6))
-    gamma_t, gamma_s = torch.tensor([-1.0, 0.5, 2.0]), torch.tensor([-2.0, 0.0, -1.0])
-    torch.manual_seed(7)
-    zt, zs = diffusion.shared_noise_latents(x0, gamma_t, gamma_s, K)
-    torch.manual_seed(7)
-    eps = torch.randn(B, L, K)  # SPEC §5: z = argmax(alpha~ x + sigma~ eps), one eps for both
-    one_hot = torch.nn.functional.one_hot(x0, K)
-    for z, gamma in ((zt, gamma_t), (zs, gamma_s)):
-        g = gamma[:, None, None]
-        assert torch.equal(z, (torch.sigmoid(-g).sqrt() * one_hot + torch.sigmoid(g).sqrt() * eps).argmax(-1))
 
 
 # ---------------------------------------------------------------------------------------------
