@@ -74,14 +74,24 @@ class _Diffusion:
         """Per-token validation loss: the likelihood bound (SPEC §4); for most algorithms the training loss."""
         return self.loss(module, x0, attention_mask, t, step)
 
-    def logits(self, module, xt, t):
+    def logits(self, module, xt, t, out=None):
         """Denoiser logits x_θ(z_t) (B, L, K) in the compute dtype, for the sampler; t (B,) float32."""
-        return module.backbone(xt, self.sigma(self.schedule.alpha(t)))
+        return module.backbone(xt, self.sigma(self.schedule.alpha(t)), out=out)
 
     def sample(self, module, batch_size, length, config, generator=None, progress=False):
         sampling = config.sampling
+        # On the CPU every step writes its logits into one buffer: a fresh (B, L, K) block per step
+        # is mapped, page-faulted in and unmapped again by glibc (blocks over 32 MB get their own
+        # mapping), a quarter of the network's time. GPUs' caching allocator reuses memory anyway.
+        buffer = None
+        if module.device.type == 'cpu' and module.compute_dtype == torch.float32:
+            buffer = torch.empty(batch_size, length, self.vocab_size)
+
+        def logits_fn(xt, t):
+            return self.logits(module, xt, t, out=None if buffer is None else buffer[:len(xt)])
+
         return samplers.sample_diffusion(
-            lambda xt, t: self.logits(module, xt, t), batch_size, length, self.vocab_size,
+            logits_fn, batch_size, length, self.vocab_size,
             self.schedule.alpha, sampling.steps, kind=self.kind, mask_id=self.mask_id,
             noise_removal=sampling.noise_removal, p_nucleus=sampling.p_nucleus,
             use_float64=sampling.use_float64, cache=sampling.predictor == 'ancestral_cache',

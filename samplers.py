@@ -139,19 +139,21 @@ def nucleus_filter_(logits: torch.Tensor, p_nucleus: float) -> torch.Tensor:
     return logits
 
 
-def neg_log_prob_at(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """-log softmax(logits)[ids] per row: logits (N, K) any float dtype, ids (N,) -> (N,) float64.
+def log_softmax_at_(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[ids] per row: logits (N, K), ids (N,) -> (N,) float64.
 
-    log_softmax in row chunks of at least float32: its fused kernel is cheaper than a separate
-    max / exp / sum (and handles -inf logits); the picked values are gathered from it (cross
-    entropy's nll_loss with reduction='none' adds a slow serial pass on the CPU).
+    float32 and float64 logits become their log-softmax in place (a draw from them is the same:
+    Gumbel-max does not see a per-row shift); other dtypes are converted chunk by chunk and left
+    as they are. log_softmax in row chunks: its fused kernel is cheaper than a separate max / exp /
+    sum (and handles -inf logits), and in place it writes no new memory.
     """
     out = torch.empty(logits.shape[0], dtype=torch.float64, device=logits.device)
     for start, end in _row_chunks(logits.shape[0], logits.shape[1], logits.device):
         chunk = logits[start:end]
         if chunk.dtype not in (torch.float32, torch.float64):
             chunk = chunk.float()
-        out[start:end] = torch.log_softmax(chunk, -1).gather(1, ids[start:end, None])[:, 0].neg_()
+        torch.log_softmax(chunk, -1, out=chunk)
+        out[start:end] = chunk.gather(1, ids[start:end, None])[:, 0]
     return out
 
 
@@ -159,7 +161,7 @@ def uniform_step(z: torch.Tensor, logits: torch.Tensor, alpha_t: float, alpha_s:
                  p_nucleus: float = 1.0, generator=None, use_float64: bool = True) -> torch.Tensor:
     """One ancestral step t -> s of uniform-state diffusion (SPEC §6): z_t (B, L) -> z_s (B, L).
 
-    logits (B, L, K): the denoiser x_θ(z_t) (modified in place by the nucleus filter).
+    logits (B, L, K): the denoiser x_θ(z_t) (modified in place: nucleus filter, log-softmax).
     q(z_s | z_t, x̂) ∝ (α_s - α_t) x̂ + (K α_t x̂_{z_t} + α_t/α_s - α_t) e_{z_t}
                       + (1 - α_t/α_s)(1 - α_s)/K · 1,
     a mixture whose three components have the per-token weights w_x, w_keep, w_unif: pick the
@@ -170,7 +172,7 @@ def uniform_step(z: torch.Tensor, logits: torch.Tensor, alpha_t: float, alpha_s:
     flat = logits.reshape(B * L, K)
     nucleus_filter_(flat, p_nucleus)
     ids = z.reshape(-1)
-    x_at_z = torch.exp(-neg_log_prob_at(flat, ids))
+    x_at_z = torch.exp(log_softmax_at_(flat, ids))
     alpha_ts = alpha_t / alpha_s
     w_x = alpha_s - alpha_t
     w_keep = K * alpha_t * x_at_z + (alpha_ts - alpha_t)
@@ -208,7 +210,8 @@ def sample_diffusion(logits_fn, batch_size: int, length: int, vocab_size: int, a
     """Ancestral sampling over the grid t_0 = 1 > ... > t_S = t_min; returns ids (B, L) int64.
 
     logits_fn(z (b, L) int64, t (b,) float32) -> denoiser logits (b, L, K), any float dtype; it may
-    be called on a subset of the batch (b <= B). alpha_fn(t float64 tensor) -> α_t, elementwise.
+    be called on a subset of the batch (b <= B), and may write every call's logits into one buffer
+    (a step is done with its logits before the next call). alpha_fn(t float64 tensor) -> α_t, elementwise.
     kind: 'uniform' starts from uniform ids over the K classes; 'absorbing' from all-[MASK]
     (mask_id). noise_removal after the S steps: 'ancestral' (one more step to α_s = 1), 'greedy'
     (argmax of x̂ at t_min, the Greedy-Tail) or 'none'; the first two cost one extra forward.

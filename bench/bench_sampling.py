@@ -82,10 +82,13 @@ def ours(algo, model, args, steps, timer, generator):
             return logits
         return samplers.sample_ar(step, args.batch, args.length, bos_id=args.vocab - 2, generator=generator,
                                   device=args.device)
+    # as diffusion._Diffusion.sample: on the CPU one logits buffer serves every step
+    buffer = torch.empty(args.batch, args.length, args.vocab) if args.device.type == 'cpu' else None
+    out = lambda z: None if buffer is None else buffer[:len(z)]
     if algo == 'mdlm':
-        logits_fn = timer.wrap(lambda z, t: model(z, torch.zeros_like(t)))
+        logits_fn = timer.wrap(lambda z, t: model(z, torch.zeros_like(t), out=out(z)))
     else:
-        logits_fn = timer.wrap(lambda z, t: model(z, -torch.log(alpha_fn(t))))
+        logits_fn = timer.wrap(lambda z, t: model(z, -torch.log(alpha_fn(t)), out=out(z)))
     return samplers.sample_diffusion(logits_fn, args.batch, args.length, args.vocab, alpha_fn, steps,
                                      kind='absorbing' if algo == 'mdlm' else 'uniform', mask_id=mask_id,
                                      cache=True, generator=generator, device=args.device)

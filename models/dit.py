@@ -248,15 +248,20 @@ class DiTFinalLayer(nn.Module):
         self.linear = _zero_linear(dim, vocab_size)
         self.adaLN_modulation = _zero_linear(cond_dim, 2 * dim) if adaLN else None
 
-    def forward(self, x, c, rows=None):
-        """Logits (B, L, K) of x (B, L, d), or (n, K) of the n positions where `rows` (B, L) is True."""
+    def forward(self, x, c, rows=None, out=None):
+        """Logits (B, L, K) of x (B, L, d), or (n, K) of the n positions where `rows` (B, L) is True;
+        written into `out` (that shape, h's dtype) when given."""
         h = self.norm_final(x)
         if self.adaLN_modulation is not None:
             shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=2)
             h = modulate(h, shift, scale)
         if rows is not None:
             h = h[rows]
-        return self.linear(h)
+        if out is None:
+            return self.linear(h)
+        torch.addmm(self.linear.bias, h.reshape(-1, h.shape[-1]), self.linear.weight.t(),
+                    out=out.view(-1, out.shape[-1]))
+        return out
 
 
 class DiT(nn.Module):
@@ -305,7 +310,8 @@ class DiT(nn.Module):
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None, output_rows: torch.Tensor | None = None) -> torch.Tensor:
+                kv_cache: KVCache | None = None, output_rows: torch.Tensor | None = None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, L, K) in the compute dtype (float32, or the autocast dtype).
 
         x: int ids (B, L), or float weights (B, L, K) whose rows are distributions over the
@@ -314,7 +320,9 @@ class DiT(nn.Module):
         0 = padding, masked out as keys. kv_cache (causal only): x holds the next tokens after
         the kv_cache.length cached ones; their keys/values are appended and only their logits
         returned. output_rows: (B, L) bool; only the logits of those positions are computed and
-        returned, as (n, K) in row-major order (every position is still attended to).
+        returned, as (n, K) in row-major order (every position is still attended to). out: a
+        contiguous tensor of the result's shape and dtype to write the logits into (CPU sampling
+        reuses one for every step; see diffusion._Diffusion.sample).
         """
         B, L = x.shape[:2]
         start = 0 if kv_cache is None else kv_cache.length
@@ -342,7 +350,7 @@ class DiT(nn.Module):
             h = block(h, c, cos, sin, layer_attend)
         if kv_cache is not None:
             kv_cache.length = start + L
-        return self.output_layer(h, c, output_rows)
+        return self.output_layer(h, c, output_rows, out)
 
     def _check_cache(self, kv_cache, length, attention_mask):
         if not self.causal:

@@ -416,3 +416,16 @@ def test_output_rows_are_the_rows_of_the_full_logits(training):
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match='output_rows'):
         model(x, sigma, output_rows=rows.long())
+
+
+def test_logits_written_into_a_reused_buffer_are_the_logits():
+    model = small_model().eval()
+    g = torch.Generator().manual_seed(4)
+    buffer = torch.full((3, MAX_LEN, K), float('nan'))
+    with torch.no_grad():
+        for batch in (3, 2):  # a sampler passes the first rows of one buffer for a sub-batch
+            x = torch.randint(0, K, (batch, MAX_LEN), generator=g)
+            sigma = torch.rand(batch, generator=g)
+            out = model(x, sigma, out=buffer[:batch])
+            assert out.data_ptr() == buffer.data_ptr()
+            torch.testing.assert_close(out, model(x, sigma), rtol=1e-6, atol=1e-6)
