@@ -82,7 +82,7 @@ class _Diffusion:
         sampling = config.sampling
         # On the CPU every step writes its logits into one buffer: a fresh (B, L, K) block per step
         # is mapped, page-faulted in and unmapped again by glibc (blocks over 32 MB get their own
-        # mapping), a quarter of the network's time. GPUs' caching allocator reuses memory anyway.
+        # mapping), about a fifth of the network's time. GPUs' caching allocator reuses memory anyway.
         buffer = None
         if module.device.type == 'cpu' and module.compute_dtype == torch.float32:
             buffer = torch.empty(batch_size, length, self.vocab_size)

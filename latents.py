@@ -104,17 +104,18 @@ def _each_gaussian_block(n_rows, K, device, visit, out=None):
     step = losses.block_rows(K, device)
     blocks = [slice(start, min(start + step, n_rows)) for start in range(0, n_rows, step)]
 
-    def draw(blocks, generator):
+    def draw(stream_blocks, generator):
         scratch = None if out is not None else torch.empty(step, K, device=device)
-        for sel in blocks:
+        for sel in stream_blocks:
             eps = out[sel] if out is not None else scratch[:sel.stop - sel.start]
             visit(sel, eps.normal_(generator=generator))
 
     if device.type != 'cpu':  # the device's own generator is parallel already
         return draw(blocks, None)
     seeds = torch.randint(0, 2 ** 63 - 1, (RANDOM_STREAMS,)).tolist()
-    jobs = [(blocks[i::RANDOM_STREAMS], torch.Generator().manual_seed(seeds[i])) for i in range(RANDOM_STREAMS)]
-    threads = min(torch.get_num_threads(), len(blocks), RANDOM_STREAMS)
+    jobs = [(blocks[i::RANDOM_STREAMS], torch.Generator().manual_seed(seeds[i]))
+            for i in range(min(RANDOM_STREAMS, len(blocks)))]
+    threads = min(torch.get_num_threads(), len(jobs))
     if threads == 1:
         for job in jobs:
             draw(*job)
