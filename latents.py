@@ -10,8 +10,8 @@ normal_ there is one serial Mersenne Twister), so the blocks are shared out betw
 generators, seeded from the global one (a run reproduces and resumes exactly), and drawn on a
 thread pool. The streams, not the threads, fix the numbers: results do not depend on the core count.
 """
+import functools
 import math
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -20,8 +20,6 @@ import losses
 import noise_schedule
 
 RANDOM_STREAMS = 8
-_pools: dict[int, ThreadPoolExecutor] = {}
-_pools_lock = threading.Lock()
 
 
 def relaxed_gaussian_latent(x0, gamma, vocab_size, tau):
@@ -124,8 +122,6 @@ def _each_gaussian_block(n_rows, K, device, visit, out=None):
     list(_pool(threads).map(lambda job: draw(*job), jobs))
 
 
+@functools.cache
 def _pool(threads: int) -> ThreadPoolExecutor:
-    with _pools_lock:
-        if threads not in _pools:
-            _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix='gaussian-latent')
-        return _pools[threads]
+    return ThreadPoolExecutor(threads, thread_name_prefix='gaussian-latent')
