@@ -19,6 +19,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 import checkpoints
+from atomic import atomic_write, fsync_directory, remove_stale_temps
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ class RunCheckpoint(ModelCheckpoint):
     def setup(self, trainer, pl_module, stage):
         super().setup(trainer, pl_module, stage)
         if trainer.is_global_zero and stage == 'fit' and Path(self.dirpath).is_dir():
-            freed = checkpoints.remove_stale_temps(self.dirpath)  # left by killed saves; no save is in flight
+            freed = remove_stale_temps(self.dirpath)  # left by killed saves; no save is in flight
             if freed:
                 log.info('Removed %.1f MB of partial checkpoint files left by an interrupted save', freed / 1e6)
 
@@ -80,12 +81,12 @@ class RunCheckpoint(ModelCheckpoint):
             try:
                 os.link(filepath, tmp)
                 os.replace(tmp, linkpath)
-                checkpoints.fsync_directory(directory)
+                fsync_directory(directory)
             except OSError:
                 tmp.unlink(missing_ok=True)
                 with open(filepath, 'rb') as src:
                     checkpoints.make_room(linkpath, os.fstat(src.fileno()).st_size)
-                    checkpoints.atomic_write(linkpath, lambda dst: _copy(src, dst))
+                    atomic_write(linkpath, lambda dst: _copy(src, dst))
         trainer.strategy.barrier()
 
 

@@ -7,81 +7,24 @@ A training run keeps `<run dir>/checkpoints/last.ckpt` and periodic `step-<N>.ck
 """
 import errno
 import logging
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from atomic import atomic_write
+from errors import CheckpointError, DiskFullError, RunStopped
+from models.hf_format import PREFIX
+
 log = logging.getLogger(__name__)
 
-PREFIX = 'backbone.'
 LAST = 'last.ckpt'
 PERIODIC = re.compile(r'step-(\d+)\.ckpt')  # the periodic checkpoints (callbacks.RunCheckpoint names them)
-_TEMP = re.compile(r'\..+\.tmp')            # atomic_write's temporary files: .<name>.<random>.tmp
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-def atomic_write(path, write_fn, mode='wb'):
-    """Write a file so that a kill at any instant leaves either the old or the new file.
-
-    `write_fn(f)` writes to a temporary file in the same directory, which is flushed, fsynced
-    and renamed over `path`; the directory is then fsynced so that the rename survives a crash.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, mode) as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates owner-only files; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_directory(path.parent)
-
-
-def fsync_directory(directory):
-    """Make the renames in `directory` durable (best effort: not every filesystem allows it)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def remove_stale_temps(directory) -> int:
-    """Delete the temporary files that killed writes left in `directory` (they are never read,
-    only disk space); call it when no write to the directory is in flight. Returns the bytes freed."""
-    freed = 0
-    for entry in Path(directory).glob('.*.tmp'):
-        if _TEMP.fullmatch(entry.name) and entry.is_file():
-            freed += entry.stat().st_size
-            entry.unlink(missing_ok=True)
-    return freed
 
 
 # ---- disk space ----------------------------------------------------------------------------
-class RunStopped(RuntimeError):
-    """Training cannot go on (no disk space, non-finite values); the message says what to do."""
-
-
-class DiskFullError(RunStopped):
-    """Not enough disk space to write a checkpoint, even after deleting old periodic ones."""
-
-
 def free_bytes(directory) -> int:
     return shutil.disk_usage(directory).free
 
@@ -159,10 +102,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 raise
             raise DiskFullError(f"the disk filled up while saving {path} ({e.strerror}); the previous checkpoints "
                                 f"are intact: free some space and run the same command again to resume") from None
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, unreadable, or of another model."""
 
 
 def is_hf_reference(path: str) -> bool:

@@ -30,7 +30,6 @@ import lzma
 import os
 import shutil
 import sysconfig
-import tempfile
 import urllib.parse
 import urllib.request
 import zipfile
@@ -38,11 +37,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from atomic import atomic_write
+from errors import DataError
+
 log = logging.getLogger(__name__)
-
-
-class DataError(ValueError):
-    """Data that cannot be found, read or used; the message names the setting and a fix."""
 
 
 # ---- the built-in corpus -------------------------------------------------------------------
@@ -75,16 +73,8 @@ def stdlib_corpus_file(cache_dir: Path) -> Path:
     version = sysconfig.get_python_version()
     path = Path(cache_dir) / f'stdlib-py{version}.jsonl'
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-        try:
-            with os.fdopen(fd, 'w', encoding='utf-8') as f:
-                for doc in stdlib_docstrings():
-                    f.write(json.dumps({'text': doc}) + '\n')
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        docs = stdlib_docstrings()
+        atomic_write(path, lambda f: f.writelines(json.dumps({'text': doc}) + '\n' for doc in docs), mode='w')
     return path
 
 
@@ -202,20 +192,13 @@ def download(url: str, directory: Path) -> Path:
     path = directory / f'{hashlib.sha256(url.encode()).hexdigest()[:12]}-{name}'
     if path.exists():
         return path
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f'.{path.name}.', suffix='.tmp')
     log.info('Downloading %s', url)
     try:
-        with os.fdopen(fd, 'wb') as out, urllib.request.urlopen(url, timeout=60) as response:
-            shutil.copyfileobj(response, out, 1 << 20)
-        os.replace(tmp, path)
+        with urllib.request.urlopen(url, timeout=60) as response:
+            atomic_write(path, lambda out: shutil.copyfileobj(response, out, 1 << 20))
     except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
         raise DataError(f'cannot download {url} ({type(e).__name__}: {e}); without internet point '
                         f'data.data_files at a local copy of {name}') from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -28,7 +28,6 @@ import multiprocessing
 import os
 import re
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -37,7 +36,9 @@ import torch
 
 import corpora
 import detokenizers
-from corpora import DataError, DocumentSource, FileSet
+from atomic import atomic_directory
+from corpora import DocumentSource, FileSet
+from errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -130,12 +131,11 @@ def gpt2_tokenizer(cache_dir: Path | None = None):
         return transformers.AutoTokenizer.from_pretrained('gpt2')
     tokenizer = transformers.GPT2TokenizerFast(vocab=str(files['encoder.json']),
                                                merges=str(files['vocab.bpe']))
-    tmp = Path(tempfile.mkdtemp(dir=_mkdir(saved.parent), prefix='.gpt2.'))
     try:  # saved once: reloading tokenizer.json is faster than parsing the BPE files
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, saved)
+        with atomic_directory(saved) as tmp:
+            tokenizer.save_pretrained(tmp)
     except OSError:  # read-only cache, or another process saved it first
-        shutil.rmtree(tmp, ignore_errors=True)
+        pass
     return tokenizer
 
 
@@ -595,9 +595,8 @@ def cached_blocks(source: DocumentSource, tokenizer, vocab_size: int, data, leng
     with _exclusive(root / f'.{path.name}.lock'):
         if not (path / 'meta.json').exists():
             _remove_stale_builds(root, held=path.name)
-            tmp = Path(tempfile.mkdtemp(dir=root, prefix=f'.{path.name}.', suffix='.tmp'))
-            tmp.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
-            try:
+            # atomic: a killed preparation leaves only a .tmp directory, never trusted
+            with atomic_directory(path) as tmp:
                 if wrap:
                     packer = WrapPacker(length, tokenizer.bos_token_id, tokenizer.eos_token_id, insert_eos)
                 else:
@@ -607,10 +606,6 @@ def cached_blocks(source: DocumentSource, tokenizer, vocab_size: int, data, leng
                 meta = build_blocks(source, tokenizer, packer, tmp, vocab_size, num_proc, desc=split)
                 meta.update(length=length, key=key_fields, seconds=round(time.time() - start, 2))
                 (tmp / 'meta.json').write_text(json.dumps(meta, indent=1, default=str))
-                os.replace(tmp, path)  # atomic: a killed preparation leaves only a .tmp dir, never trusted
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
             cache = BlockCache(path)
             m = cache.meta
             log.info('%s: %d documents, %d tokens -> %d blocks of %d (tokenized in %.1f s: %.0f documents/s, '

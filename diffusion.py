@@ -21,6 +21,7 @@ import losses
 import noise_schedule
 import samplers
 from ema import EMA
+from errors import RunStopped
 from metrics import NLLMetric
 from models.dit import DiT
 
@@ -405,7 +406,6 @@ class Diffusion(L.LightningModule):
         what = 'loss' if loss_finite is not None and not bool(loss_finite) else 'gradients'
         limit = int(self.config.training.max_nonfinite_steps)
         if self.nonfinite_in_a_row >= limit:
-            from checkpoints import RunStopped
             raise RunStopped(
                 f"non-finite loss or gradients in {self.nonfinite_in_a_row} optimizer steps in a row (up to step "
                 f"{self.global_step}, training.max_nonfinite_steps={limit}): training stopped without saving; the last "

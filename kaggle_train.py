@@ -454,7 +454,7 @@ def import_previous(plan: Plan, source: str):
         print(f'Resume: {plan.last_ckpt} (step {ours}) is not behind {ckpt} (step {theirs}); keeping it')
         return
     plan.last_ckpt.parent.mkdir(parents=True, exist_ok=True)
-    from checkpoints import atomic_write
+    from atomic import atomic_write
     with open(ckpt, 'rb') as f:
         atomic_write(plan.last_ckpt, lambda out: shutil.copyfileobj(f, out, 16 * 2 ** 20))
     history = (src if src.is_dir() else ckpt.parent.parent) / 'logs' / 'metrics.csv'

@@ -20,16 +20,15 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from atomic import atomic_write, write_text
+from errors import CheckpointError, ConfigError, DataError, RunStopped
+
 log = logging.getLogger('duo')
 STARTED = time.monotonic()  # trainer.max_time counts from here
 
 MODES = ('train', 'ppl_eval', 'sample_eval')
 PRECISIONS = {'16': '16-mixed', '16-mixed': '16-mixed', 'fp16': '16-mixed', 'bf16': 'bf16-mixed',
               'bf16-mixed': 'bf16-mixed', '32': '32-true', '32-true': '32-true', 'fp32': '32-true'}
-
-
-class ConfigError(ValueError):
-    """A setting that cannot work; the message names it and a valid example."""
 
 
 # ---- resolving the configuration -----------------------------------------------------------
@@ -231,7 +230,7 @@ def load_finetune(model, state_dict, ema_state, path):
     if ema_state is not None:
         names = [name for name, _ in model.backbone.named_parameters()]
         if len(names) != len(ema_state['shadow_params']):
-            raise checkpoints.CheckpointError(f"{source}: its EMA has {len(ema_state['shadow_params'])} tensors for "
+            raise CheckpointError(f"{source}: its EMA has {len(ema_state['shadow_params'])} tensors for "
                                               f"{len(names)} parameters: the checkpoint is damaged")
         state_dict = {**state_dict, **dict(zip(names, ema_state['shadow_params']))}
         checkpoints.check_compatible(state_dict, model.backbone, f"{source} (its EMA)")
@@ -251,7 +250,6 @@ def run_history_logger(run_dir: Path, resume_step: int):
     from lightning.pytorch.loggers import CSVLogger
     from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
-    from checkpoints import atomic_write
 
     class ContinuedWriter(ExperimentWriter):
         def _check_log_dir_exists(self):
@@ -345,11 +343,6 @@ def build_trainer(config, run_dir: Path, for_training: bool, resume_step: int = 
         use_distributed_sampler=False, enable_checkpointing=for_training, enable_model_summary=for_training)
 
 
-def write_text(path, text: str):
-    from checkpoints import atomic_write
-    atomic_write(path, lambda f: f.write(text), mode='w')
-
-
 def write_json(path, payload):
     write_text(path, json.dumps(payload, indent=2))
 
@@ -403,10 +396,9 @@ def train(config, run_dir: Path):
 
 def check_training_blocks(config, sampler):
     """The training split must fill one batch per device (the sampler would only find out in fit)."""
-    import dataloader
     world = device_count(config.trainer) * int(config.trainer.num_nodes)
     if sampler.n // world < sampler.batch_size:
-        raise dataloader.DataError(
+        raise DataError(
             f'the training split of data={config.data.name} has {sampler.n} blocks of model.length='
             f'{config.model.length}, fewer than loader.batch_size={sampler.batch_size} x {world} devices: add '
             f'documents or lower loader.batch_size (e.g. loader.batch_size={max(sampler.n // world, 1)})')
@@ -417,12 +409,12 @@ def check_resumable(last: Path, model) -> tuple[int, int]:
     import checkpoints
     try:
         checkpoint = checkpoints.read_checkpoint(last, mmap=True)
-    except checkpoints.CheckpointError as e:
+    except CheckpointError as e:
         periodic = checkpoints.periodic_checkpoints(last.parent)
         fix = f'copy the newest periodic checkpoint over it (cp {periodic[-1]} {last})' if periodic else \
             f'delete it to start again'
         reason = str(e).split(' (', 1)[-1].split(');', 1)[0]
-        raise checkpoints.CheckpointError(f'{last} cannot be read ({reason}): {fix}, or start a new run elsewhere '
+        raise CheckpointError(f'{last} cannot be read ({reason}): {fix}, or start a new run elsewhere '
                                           f'(hydra.run.dir=...)') from None
     state_dict = {k[len(checkpoints.PREFIX):]: v for k, v in checkpoint['state_dict'].items()
                   if k.startswith(checkpoints.PREFIX)}
@@ -563,7 +555,6 @@ def main(config: DictConfig):
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     quiet_libraries()
     _RUN_LOG = RunLog(run_dir)
-    import checkpoints
     full_error = os.environ.get('HYDRA_FULL_ERROR') == '1'
     try:
         config = resolve_config(config)
@@ -575,7 +566,7 @@ def main(config: DictConfig):
         if full_error:
             raise
         fail(str(e), 2)
-    except checkpoints.RunStopped as e:  # no disk space, non-finite values: the run cannot go on
+    except RunStopped as e:  # no disk space, non-finite values: the run cannot go on
         _RUN_LOG.discard()
         log.error('%s', e)
         if full_error:

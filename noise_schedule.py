@@ -5,7 +5,6 @@ The network is conditioned on sigma_t = -log alpha_t.
 """
 import math
 import os
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -13,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
+
+from atomic import atomic_write
 
 
 class LogLinear:
@@ -142,18 +143,7 @@ def _read_table(path: Path, vocab_size: int) -> np.ndarray | None:
 def _write_table(path: Path, vocab_size: int, table: np.ndarray) -> None:
     """Write atomically (temp file + rename), so concurrent ranks and crashes never leave a partial file."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-        try:
-            with os.fdopen(fd, 'wb') as f:
-                np.savez(f, meta=_table_meta(vocab_size), table=table)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; the cache may be shared
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        atomic_write(path, lambda f: np.savez(f, meta=_table_meta(vocab_size), table=table))
     except OSError as err:
         warnings.warn(f'could not cache the duality table in {path.parent} ({err}); '
                       f'set DUO_CACHE_DIR to a writable directory (e.g. DUO_CACHE_DIR=/tmp/duo)')

@@ -214,6 +214,7 @@ def reference_attention(q, k, v, key_mask, causal):
 # ---- data ----------------------------------------------------------------------------------
 def check_subset():
     import dataloader
+    import errors
     cases = {'11000': (11000, (9900, 1100)), '10': (10, (9, 1)), ' 2 ': (2, (1, 1)), '100001': (100001, (90000, 10001))}
     for text, (n, split) in cases.items():
         got = dataloader.parse_subset(text)
@@ -225,7 +226,7 @@ def check_subset():
     for bad in ('abc', '1', '-5', '1e4'):
         try:
             dataloader.parse_subset(bad)
-        except dataloader.DataError:
+        except errors.DataError:
             continue
         raise Fail(f'OWT_SUBSET_NUM={bad} was accepted', 'git checkout dataloader.py')
     env = os.environ.get('OWT_SUBSET_NUM')
@@ -233,7 +234,7 @@ def check_subset():
         return 'parsing and the 90/10 split are right (11000 -> 9900 train / 1100 validation); OWT_SUBSET_NUM is unset'
     try:
         n = dataloader.parse_subset(env)
-    except dataloader.DataError as e:
+    except errors.DataError as e:
         raise Fail(str(e), 'export OWT_SUBSET_NUM=11000 (an integer >= 2), or unset it for the whole dataset')
     if n is None:
         return 'OWT_SUBSET_NUM is empty: the whole dataset is used'
@@ -384,6 +385,7 @@ def check_checkpoint(output_dir: Path):
     """Save a Lightning-layout checkpoint atomically into the output directory and load it back."""
     import torch
     import checkpoints
+    from atomic import atomic_write
     from models.dit import DiT
     model = DiT(50, 32, 16, 1, 2, 16)
     torch.nn.init.normal_(model.output_layer.linear.weight)
@@ -397,7 +399,7 @@ def check_checkpoint(output_dir: Path):
     os.close(fd)
     path = Path(name)
     try:
-        checkpoints.atomic_write(path, lambda f: torch.save({'state_dict': state, 'ema': ema, 'global_step': 7,
+        atomic_write(path, lambda f: torch.save({'state_dict': state, 'ema': ema, 'global_step': 7,
                                                             'micro_step': 21}, f))
         weights, ema_back, _ = checkpoints.load_weights(str(path))
         fresh = DiT(50, 32, 16, 1, 2, 16)

@@ -12,7 +12,10 @@ from pathlib import Path
 
 import torch
 
-from checkpoints import PREFIX, CheckpointError, atomic_write
+from atomic import atomic_write
+from errors import CheckpointError
+
+PREFIX = 'backbone.'  # the Lightning module's attribute holding the DiT (SPEC §8)
 
 REQUIRED_KEYS = ('vocab_size', 'model_length', 'hidden_dim', 'cond_dim', 'n_blocks', 'n_heads')
 WEIGHT_FILES = ('model.safetensors', 'model.safetensors.index.json', 'pytorch_model.bin')

@@ -21,6 +21,7 @@ from hydra import compose, initialize_config_dir
 import corpora
 import dataloader
 import detokenizers
+import errors
 from conftest import ROOT, SHARED_CORPUS
 
 CONFIGS = str(ROOT / 'configs')
@@ -182,13 +183,13 @@ def test_subset_env_and_override(monkeypatch):
 def test_bad_subset_values_name_the_variable(monkeypatch, tmp_path, value):
     monkeypatch.setenv('OWT_SUBSET_NUM', value)
     config = make_config('data=openwebtext-split', f'data.data_files={tmp_path}/x.jsonl', cache_dir=tmp_path)
-    with pytest.raises(dataloader.DataError, match=r'^OWT_SUBSET_NUM=.* must be an integer >= 2.*OWT_SUBSET_NUM=11000$'):
+    with pytest.raises(errors.DataError, match=r'^OWT_SUBSET_NUM=.* must be an integer >= 2.*OWT_SUBSET_NUM=11000$'):
         dataloader.document_sources(config.data)
 
 
 def test_bad_subset_override_names_the_override(tmp_path):
     config = make_config('data=openwebtext-split', 'data.subset_num=abc', cache_dir=tmp_path)
-    with pytest.raises(dataloader.DataError, match=r'^data\.subset_num=abc must be an integer'):
+    with pytest.raises(errors.DataError, match=r'^data\.subset_num=abc must be an integer'):
         dataloader.document_sources(config.data)
 
 
@@ -196,16 +197,16 @@ def test_subset_larger_than_the_corpus_is_an_error(monkeypatch, tmp_path, gpt2):
     path = write_jsonl(tmp_path / 'c.jsonl', sentences(30))
     monkeypatch.setenv('OWT_SUBSET_NUM', '32')  # 28 train (fits), 4 validation (only 2 exist)
     config = make_config('data=openwebtext-split', f'data.data_files={path}', cache_dir=tmp_path)
-    with pytest.raises(dataloader.DataError, match=r'only 30 documents; use a smaller OWT_SUBSET_NUM \(at most 30\)'):
+    with pytest.raises(errors.DataError, match=r'only 30 documents; use a smaller OWT_SUBSET_NUM \(at most 30\)'):
         dataloader.get_datasets(config, gpt2)
 
 
 def test_carving_too_few_documents_is_an_error(tmp_path):
     path = write_jsonl(tmp_path / 'c.jsonl', sentences(5))
     config = make_config('data=local', f'data.train_files={path}', 'data.valid_docs=5', cache_dir=tmp_path)
-    with pytest.raises(dataloader.DataError, match='too few to keep 5 for validation'):
+    with pytest.raises(errors.DataError, match='too few to keep 5 for validation'):
         docs_of(dataloader.document_sources(config.data)['train'])
-    with pytest.raises(dataloader.DataError, match='data.valid_docs=0 must be >= 1'):
+    with pytest.raises(errors.DataError, match='data.valid_docs=0 must be >= 1'):
         dataloader.document_sources(make_config('data=local', f'data.train_files={path}', 'data.valid_docs=0').data)
 
 
@@ -269,28 +270,28 @@ def test_data_files_mapping(tmp_path, gpt2):
     sources = dataloader.document_sources(config.data)
     assert docs_of(sources['validation']) == sentences(6, seed=1)
     assert sources['validation'].detokenizer == 'wikitext'  # read as the wikitext103 split it stands in for
-    with pytest.raises(dataloader.DataError, match=r'data\.data_files must be'):
+    with pytest.raises(errors.DataError, match=r'data\.data_files must be'):
         dataloader.document_sources(make_config('data=openwebtext', f"data.data_files={{tran:'{a}'}}").data)
 
 
 def test_missing_files_and_fields_are_one_line_errors(tmp_path):
-    with pytest.raises(dataloader.DataError, match=r'data\.data_files=.*matches no files'):
+    with pytest.raises(errors.DataError, match=r'data\.data_files=.*matches no files'):
         docs_of(dataloader.document_sources(make_config('data=openwebtext-split', f'data.data_files={tmp_path}/none*.jsonl',
                                                         cache_dir=tmp_path).data)['train'])
     path = write_jsonl(tmp_path / 'c.jsonl', sentences(4), field='body')
     sources = dataloader.document_sources(make_config('data=local', f'data.train_files={path}', cache_dir=tmp_path).data)
-    with pytest.raises(dataloader.DataError, match=r"data\.text_field=text is not a field .*\['body'\]"):
+    with pytest.raises(errors.DataError, match=r"data\.text_field=text is not a field .*\['body'\]"):
         docs_of(sources['train'])
     bad = tmp_path / 'c.csv'
     bad.write_text('a,b\n')
-    with pytest.raises(dataloader.DataError, match=r'use \.parquet, \.jsonl'):
+    with pytest.raises(errors.DataError, match=r'use \.parquet, \.jsonl'):
         docs_of(corpora.DocumentSource(corpora.FileSet((str(bad),), 'x', str(tmp_path))))
 
 
 def test_hub_unreachable_is_one_clear_line(tmp_path, gpt2):
     assert os.environ.get('HF_HUB_OFFLINE') == '1'  # conftest: hub calls fail fast
     config = make_config('data=openwebtext-split', 'data.subset_num=100', cache_dir=tmp_path)
-    with pytest.raises(dataloader.DataError) as err:
+    with pytest.raises(errors.DataError) as err:
         dataloader.get_datasets(config, gpt2)
     message = str(err.value)
     assert '\n' not in message and 'Skylion007/openwebtext' in message
@@ -631,7 +632,7 @@ def test_token_dtype():
 def test_too_little_data_for_one_block(tmp_path, gpt2):
     path = write_jsonl(tmp_path / 'c.jsonl', ['tiny'] * 10)
     config = make_config('data=local', f'data.train_files={path}', 'model.length=128', cache_dir=tmp_path)
-    with pytest.raises(dataloader.DataError, match='too few for one block of model.length=128'):
+    with pytest.raises(errors.DataError, match='too few for one block of model.length=128'):
         dataloader.get_datasets(config, gpt2)
 
 

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 import checkpoints
 import dataloader
+import errors
 
 
 def make_cache(path, n, length=6):
@@ -75,7 +76,7 @@ def test_ddp_shards_are_disjoint(monkeypatch, world):
 
 
 def test_too_few_blocks_for_a_batch():
-    with pytest.raises(dataloader.DataError, match='fewer than loader.batch_size=8'):
+    with pytest.raises(errors.DataError, match='fewer than loader.batch_size=8'):
         next(iter(dataloader.TrainBatchSampler(5, 8, seed=0)))
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import checkpoints
-from checkpoints import CheckpointError
+from errors import CheckpointError
 from models import hf_format
 from models.dit import DiT
 

@@ -26,9 +26,11 @@ import lightning as L
 import pytest
 import torch
 
+import atomic
 import callbacks
 import checkpoints
 import diffusion
+import errors
 import main
 from conftest import ROOT
 
@@ -433,7 +435,7 @@ def test_bad_input_gives_one_line_exit_2_and_touches_no_file(bad_inputs, corpus,
 def test_bf16_on_a_gpu_without_it_suggests_16(monkeypatch):
     monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda *a: (7, 5))
     monkeypatch.setattr(torch.cuda, 'get_device_name', lambda *a: 'Tesla T4')
-    with pytest.raises(main.ConfigError) as error:
+    with pytest.raises(errors.ConfigError) as error:
         main.resolve_precision('bf16', 'gpu')
     assert str(error.value) == ('trainer.precision=bf16 needs an Ampere or newer GPU (this Tesla T4 has compute '
                                 'capability 7.5): use trainer.precision=16')
@@ -466,9 +468,9 @@ def test_a_write_that_dies_midway_leaves_the_old_file(tmp_path):
         raise KeyboardInterrupt  # a signal in the middle of the write
 
     with pytest.raises(KeyboardInterrupt):
-        checkpoints.atomic_write(path, dies)
+        atomic.atomic_write(path, dies)
     assert path.read_bytes() == b'old' and sorted(tmp_path.iterdir()) == [path]
-    checkpoints.atomic_write(path, lambda f: f.write(b'new'))
+    atomic.atomic_write(path, lambda f: f.write(b'new'))
     assert path.read_bytes() == b'new' and sorted(tmp_path.iterdir()) == [path]
 
 
@@ -476,7 +478,7 @@ def test_temporary_files_of_killed_saves_are_removed(tmp_path):
     (tmp_path / '.last.ckpt.k3j2_x.tmp').write_bytes(b'x' * 10)  # what a SIGKILL mid-save leaves
     (tmp_path / 'last.ckpt').write_bytes(b'good')
     (tmp_path / '.hidden').write_bytes(b'not ours')
-    assert checkpoints.remove_stale_temps(tmp_path) == 10
+    assert atomic.remove_stale_temps(tmp_path) == 10
     assert sorted(p.name for p in tmp_path.iterdir()) == ['.hidden', 'last.ckpt']
 
 
@@ -503,7 +505,7 @@ def test_low_disk_deletes_the_oldest_periodic_checkpoints_never_last(tmp_path, s
     small_disk['capacity'] = 56 * MB
     checkpoints.make_room(tmp_path / 'step-400.ckpt', 10 * MB)
     assert sorted(p.name for p in tmp_path.iterdir()) == ['last.ckpt', 'notes.txt', 'step-300.ckpt']
-    with pytest.raises(checkpoints.DiskFullError) as error:  # still short after deleting step-300
+    with pytest.raises(errors.DiskFullError) as error:  # still short after deleting step-300
         checkpoints.make_room(tmp_path / 'step-400.ckpt', 40 * MB)
     assert 'not enough disk space to save' in str(error.value) and 'run the same command again' in str(error.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ['last.ckpt', 'notes.txt']
@@ -519,7 +521,7 @@ def test_a_full_disk_during_the_write_keeps_the_previous_checkpoint(tmp_path, mo
         f.write(b'partial')
         raise OSError(errno.ENOSPC, 'No space left on device')
     monkeypatch.setattr(torch, 'save', enospc)
-    with pytest.raises(checkpoints.DiskFullError, match='the disk filled up while saving'):
+    with pytest.raises(errors.DiskFullError, match='the disk filled up while saving'):
         checkpoints.AtomicCheckpointIO().save_checkpoint({**good, 'global_step': 2}, path)
     monkeypatch.undo()
     assert checkpoints.read_progress(path)[0] == 1 and sorted(tmp_path.iterdir()) == [path]
@@ -530,7 +532,7 @@ def test_non_finite_weights_are_never_written(tmp_path):
     checkpoints.AtomicCheckpointIO().save_checkpoint({'state_dict': {'backbone.w': torch.ones(2)}, 'global_step': 1},
                                                      path)
     bad = {'state_dict': {'backbone.w': torch.tensor([1.0, float('nan')])}, 'global_step': 2}
-    with pytest.raises(checkpoints.RunStopped, match='the weights are not finite at step 2'):
+    with pytest.raises(errors.RunStopped, match='the weights are not finite at step 2'):
         checkpoints.AtomicCheckpointIO().save_checkpoint(bad, path)
     assert checkpoints.read_progress(path)[0] == 1
 
@@ -607,7 +609,7 @@ def test_non_finite_loss_or_gradients_skip_the_step_with_a_counted_warning(tmp_p
 
 
 def test_many_non_finite_steps_in_a_row_stop_the_run_without_a_bad_checkpoint(tmp_path):
-    with pytest.raises(checkpoints.RunStopped) as error:
+    with pytest.raises(errors.RunStopped) as error:
         nonfinite_fit(tmp_path, 20, limit=3, loss_steps=set(range(2, 20)))
     assert str(error.value).startswith('non-finite loss or gradients in 3 optimizer steps in a row (up to step 4, '
                                        'training.max_nonfinite_steps=3): training stopped without saving')
