@@ -36,6 +36,7 @@ import torch
 
 import corpora
 import detokenizers
+import runtime
 from atomic import atomic_directory
 from corpora import DocumentSource, FileSet
 from errors import DataError
@@ -601,7 +602,7 @@ def cached_blocks(source: DocumentSource, tokenizer, vocab_size: int, data, leng
                     packer = WrapPacker(length, tokenizer.bos_token_id, tokenizer.eos_token_id, insert_eos)
                 else:
                     packer = PadPacker(length, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
-                num_proc = int(data.get('num_proc') or min(8, _cpus()))
+                num_proc = int(data.get('num_proc') or min(8, runtime.cpus()))
                 start = time.time()
                 meta = build_blocks(source, tokenizer, packer, tmp, vocab_size, num_proc, desc=split)
                 meta.update(length=length, key=key_fields, seconds=round(time.time() - start, 2))
@@ -616,13 +617,6 @@ def cached_blocks(source: DocumentSource, tokenizer, vocab_size: int, data, leng
     log.info('%s: %d documents, %d tokens -> %d blocks of %d (cached in %s)', split, cache.meta['documents'],
              cache.meta['tokens'], len(cache), length, path)
     return cache
-
-
-def _cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 # ---- loaders -------------------------------------------------------------------------------
@@ -671,13 +665,6 @@ class BlockDataset(torch.utils.data.Dataset):
         return {k: v[0] for k, v in self.__getitems__([index]).items()}
 
 
-def _rank_world() -> tuple[int, int]:
-    """This process's rank and the world size (resolved lazily: DDP starts inside trainer.fit)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 class TrainBatchSampler:
     """Endless shuffled batches of sample numbers for this rank; position = batches already consumed.
 
@@ -693,7 +680,7 @@ class TrainBatchSampler:
         self.start = 0
 
     def __iter__(self):
-        rank, world = _rank_world()
+        rank, world = runtime.rank_world()
         per_rank = self.n // world
         per_epoch = per_rank // self.batch_size
         if per_epoch == 0:
@@ -717,7 +704,7 @@ class EvalBatchSampler:
         self.n, self.batch_size = n, batch_size
 
     def _range(self):
-        rank, world = _rank_world()
+        rank, world = runtime.rank_world()
         return rank * self.n // world, (rank + 1) * self.n // world
 
     def __iter__(self):
@@ -734,26 +721,9 @@ def _collate(batch):
     return batch  # BlockDataset.__getitems__ already returns the batch
 
 
-def _processes_per_node(trainer_cfg) -> int:
-    devices = trainer_cfg.get('devices', 1)
-    if devices in ('auto', -1, '-1', None):
-        return max(torch.cuda.device_count(), 1) if trainer_cfg.get('accelerator') == 'gpu' else 1
-    if isinstance(devices, str):
-        return len([d for d in devices.split(',') if d.strip()]) if ',' in devices else max(int(devices), 1)
-    if isinstance(devices, int):
-        return max(devices, 1)
-    return max(len(devices), 1)
-
-
-def default_num_workers(trainer_cfg) -> int:
-    """Loader processes per training process: up to 4, within this process's share of the CPUs
-    (one CPU is the training process itself)."""
-    return max(0, min(4, _cpus() // _processes_per_node(trainer_cfg) - 1))
-
-
 def _loader(dataset, batch_sampler, config):
     workers = config.loader.get('num_workers')
-    workers = default_num_workers(config.trainer) if workers is None else int(workers)
+    workers = runtime.default_num_workers(config.trainer) if workers is None else int(workers)
     on_gpu = config.trainer.get('accelerator') == 'gpu'
     pin = on_gpu if config.loader.get('pin_memory') is None else bool(config.loader.pin_memory) and on_gpu
     return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=_collate,

@@ -6,11 +6,8 @@ and samplers.py. `Diffusion` is the Lightning plumbing around them: optimisation
 validation metrics and checkpoint extras.
 """
 import copy
-import importlib.util
 import logging
 import math
-import os
-import shutil
 
 import lightning as L
 import torch
@@ -19,6 +16,7 @@ from omegaconf import OmegaConf
 import latents
 import losses
 import noise_schedule
+import runtime
 import samplers
 from ema import EMA
 from errors import RunStopped
@@ -239,7 +237,7 @@ def make_backbone(config, vocab_size, causal):
                    n_heads=m.n_heads, max_length=m.length, dropout=m.dropout, causal=causal,
                    attn_backend=m.attn_backend)
     if m.get('compile', False):
-        reason = compile_unsupported(config.trainer.get('accelerator', 'auto'))
+        reason = runtime.compile_unsupported(config.trainer.get('accelerator', 'auto'))
         if reason:
             log.warning('model.compile=true ignored: %s', reason)
         else:
@@ -248,29 +246,6 @@ def make_backbone(config, vocab_size, causal):
             for block in backbone.blocks:
                 block.compile()
     return backbone
-
-
-def compile_unsupported(accelerator: str) -> str | None:
-    """Why torch.compile cannot run for this accelerator (None when it can): Inductor needs a
-    C++ compiler on the CPU and Triton with compute capability >= 7.0 on CUDA GPUs."""
-    if accelerator != 'cpu' and torch.cuda.is_available():
-        capability = torch.cuda.get_device_capability()
-        if capability < (7, 0):
-            return f"{torch.cuda.get_device_name()} has compute capability {'.'.join(map(str, capability))} (< 7.0)"
-        if importlib.util.find_spec('triton') is None:
-            return 'Triton is not installed'
-        return None
-    if not any(shutil.which(c) for c in (os.environ.get('CXX', 'g++'), 'g++', 'clang++') if c):
-        return 'no C++ compiler (g++ or clang++) for the CPU'
-    return None
-
-
-def allow_tf32():
-    """float32 matmuls and convolutions in TF32 on Ampere or newer GPUs (10-bit mantissa inputs,
-    float32 accumulation: several times faster; mixed precision does not use them)."""
-    if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0):
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
 
 
 class Diffusion(L.LightningModule):
@@ -283,7 +258,7 @@ class Diffusion(L.LightningModule):
         self.config = config
         self.vocab_size, self.mask_id, self.bos_id = vocab_size, mask_id, bos_id
         self.algo = ALGORITHMS[config.algo.name](config, vocab_size, mask_id)
-        allow_tf32()
+        runtime.allow_tf32()
         self.backbone = make_backbone(config, vocab_size, self.algo.causal)
         self.ema = EMA(self.backbone.parameters(), config.training.ema) if config.training.ema > 0 else None
         if isinstance(self.algo, Distillation) and self.algo.teacher_ema and self.ema is None:
@@ -306,8 +281,8 @@ class Diffusion(L.LightningModule):
     # ---- helpers -------------------------------------------------------------------------
     @property
     def compute_dtype(self):
-        precision = str(self.trainer.precision) if self._trainer is not None else '32'
-        return {'bf16-mixed': torch.bfloat16, '16-mixed': torch.float16}.get(precision, torch.float32)
+        precision = self.trainer.precision if self._trainer is not None else '32'
+        return runtime.precision_dtype(precision) or torch.float32
 
     # ---- distillation teacher ------------------------------------------------------------
     @property
@@ -333,13 +308,8 @@ class Diffusion(L.LightningModule):
             dst.copy_(src)
         self._teacher_round = distill_round
 
-    def _rank_world(self):
-        if self._trainer is None:
-            return 0, 1
-        return self.trainer.global_rank, self.trainer.world_size
-
     def _times(self, batch_size):
-        rank, world = self._rank_world()
+        rank, world = runtime.rank_world()
         return noise_schedule.stratified_times(batch_size, self.config.training.sampling_eps, rank, world,
                                                device=self.device)
 
@@ -353,7 +323,7 @@ class Diffusion(L.LightningModule):
     def on_train_batch_start(self, batch, batch_idx):
         # One seed per (run seed, micro-batch, rank): the noise and dropout of every step are a
         # pure function of its position, so a resumed run draws exactly what it would have drawn.
-        rank, world = self._rank_world()
+        rank, world = runtime.rank_world()
         torch.manual_seed((self.config.seed * 1_000_003 + self.micro_step * world + rank) % 2**63)
         if isinstance(self.algo, Distillation):
             distill_round = self.algo.round(self.global_step)

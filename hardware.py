@@ -3,10 +3,8 @@
 Pure decisions (no CUDA is touched here except by `detect()`), so that a plan can be made for a
 machine one does not have (`--assume-gpu t4x2` in kaggle_train.py) and tested on a CPU:
 
-- `precision_for(device)`: bf16 mixed precision on Ampere and newer (compute capability >= 8.0),
-  fp16 mixed precision with loss scaling on older GPUs (no bf16 there), fp32 on the CPU.
-- `attn_backend_for(device)`: FlashAttention when flash_attn imports and the GPU has compute
-  capability >= 8.0 (what models/dit.py accepts), else PyTorch SDPA.
+- `precision_for(device)`, `attn_backend_for(device)`: runtime.py's decisions (precision,
+  attention backend) for a device, simulated or not.
 - `train_step_bytes(...)`: an analytic peak-memory model of one training step of the DiT
   (parameters, gradients, AdamW, EMA, activations, logits and the loss's float32 temporaries);
   `plan_batch(...)`: the largest per-device batch whose estimate fits the memory budget, and the
@@ -23,6 +21,9 @@ import re
 import sys
 from dataclasses import asdict, dataclass, field
 
+import runtime
+from models import dit
+
 GIB = 1024 ** 3
 MIB = 1024 ** 2
 
@@ -33,7 +34,6 @@ NCCL_BYTES = int(0.25 * GIB)
 # The estimate must fit in this fraction of what is left: the caching allocator fragments, and
 # the model below leaves out small tensors (masks, time embeddings, norms' statistics).
 BUDGET_FRACTION = 0.90
-SIGMA_FEATURES = 256  # models/dit.py: sinusoidal features of sigma fed to sigma_map
 
 
 @dataclass(frozen=True)
@@ -91,16 +91,8 @@ def detect() -> Device:
     if torch.cuda.is_available() and torch.cuda.device_count() > 0:
         props = torch.cuda.get_device_properties(0)
         return Device('cuda', props.name, int(props.total_memory), (props.major, props.minor),
-                      torch.cuda.device_count(), flash_importable())
+                      torch.cuda.device_count(), runtime.flash_attn_importable())
     return Device('cpu', 'CPU', available_ram())
-
-
-def flash_importable() -> bool:
-    try:
-        import flash_attn  # noqa: F401
-    except (ImportError, OSError, RuntimeError):  # a wheel built for another CUDA/torch fails late
-        return False
-    return True
 
 
 def available_ram() -> int:
@@ -116,10 +108,8 @@ def available_ram() -> int:
 
 # ---- precision and attention ---------------------------------------------------------------
 def precision_for(device: Device) -> str:
-    """main.py's trainer.precision: 'bf16' on compute capability >= 8.0, '16' on older GPUs, '32' on CPU."""
-    if not device.is_gpu:
-        return '32'
-    return 'bf16' if device.capability >= (8, 0) else '16'
+    """main.py's trainer.precision for the device, as upstream spells it: 'bf16', '16' or '32'."""
+    return runtime.SHORT[runtime.auto_precision(device.capability if device.is_gpu else None)]
 
 
 def precision_reason(device: Device) -> str:
@@ -131,8 +121,7 @@ def precision_reason(device: Device) -> str:
 
 
 def attn_backend_for(device: Device) -> str:
-    """'flash' where models/dit.py can use FlashAttention (flash_attn and cc >= 8.0), else 'sdpa'."""
-    return 'flash' if device.is_gpu and device.flash_attn and device.capability >= (8, 0) else 'sdpa'
+    return runtime.auto_attn_backend(device.capability if device.is_gpu else None, device.flash_attn)
 
 
 def attn_reason(device: Device) -> str:
@@ -178,7 +167,7 @@ def param_counts(s: ModelShape) -> dict:
     if not s.causal:
         block += c * 6 * d + 6 * d                                      # adaLN_modulation
         final += c * 2 * d + 2 * d
-    sigma_map = 0 if s.causal else SIGMA_FEATURES * c + c + c * c + c
+    sigma_map = 0 if s.causal else dit.SIGMA_FEATURES * c + c + c * c + c
     return {'embedding': K * d, 'norms': s.n_blocks * 2 * d + d,
             'matmul': s.n_blocks * block + final + sigma_map}
 
@@ -268,7 +257,7 @@ def train_step_bytes(s: ModelShape, batch: int, precision: str, algo: str, world
     - the optimizer step's peak (states plus one float32 temporary per parameter in foreach
       AdamW) is compared too; attention never materialises (L, L) scores.
     """
-    half = precision_is_half(precision)
+    half = runtime.is_half(precision)
     h = 2 if half else 4
     counts = param_counts(s)
     P = sum(counts.values())
@@ -296,7 +285,7 @@ def train_step_bytes(s: ModelShape, batch: int, precision: str, algo: str, world
 def eval_step_bytes(s: ModelShape, batch: int, precision: str, algo: str, ema: bool = True) -> MemoryEstimate:
     """Peak bytes of a validation step inside training: the training states plus the EMA swap's
     backup copy, the logits, the loss's forward chunk temporaries and one block's transients."""
-    half = precision_is_half(precision)
+    half = runtime.is_half(precision)
     h = 2 if half else 4
     P = param_count(s)
     tokens = batch * s.length
@@ -315,10 +304,6 @@ def sample_bytes(s: ModelShape, batch: int) -> int:
     few at once) and one block's transients."""
     tokens = batch * s.length
     return 4 * param_count(s) + tokens * (2 * 4 * s.vocab_size + block_activation_bytes(s, False)) + 3 * 8 * 2 ** 24
-
-
-def precision_is_half(precision: str) -> bool:
-    return str(precision) in ('16', 'bf16', '16-mixed', 'bf16-mixed', 'fp16')
 
 
 # ---- batch planning ------------------------------------------------------------------------
@@ -364,7 +349,7 @@ def plan_batch(device: Device, s: ModelShape, algo: str, precision: str, global_
                         f'use e.g. --global-batch-size={world * max(global_batch // world, 1)}')
     per_device = global_batch // world
     budget = memory_budget(device)
-    mask_bytes = 1 if device.is_gpu else (2 if precision_is_half(precision) else 4)
+    mask_bytes = 1 if device.is_gpu else (2 if runtime.is_half(precision) else 4)
 
     def estimate(b):
         return train_step_bytes(s, b, precision, algo, world, ema, mask_bytes)
@@ -411,11 +396,7 @@ def sample_batch_for(device: Device, s: ModelShape, n_samples: int) -> int:
 
 
 # ---- the table of KAGGLE_SETUP.md ----------------------------------------------------------
-MODEL_SIZES = {  # configs/model/*.yaml
-    'tiny': dict(hidden_size=256, cond_dim=128, n_blocks=8, n_heads=8, dropout=0.1),
-    'small': dict(hidden_size=768, cond_dim=128, n_blocks=12, n_heads=12, dropout=0.1),
-    'medium': dict(hidden_size=1024, cond_dim=128, n_blocks=24, n_heads=16, dropout=0.1),
-}
+MODEL_SIZES = {name: sizes for name, sizes in runtime.model_sizes().items() if name != 'micro'}  # GPU sizes
 GPT2_VOCAB = 50258  # GPT-2's 50257 ids + [MASK] (SPEC §1)
 
 

@@ -39,6 +39,7 @@ from pathlib import Path
 from hydra.errors import HydraException
 
 import hardware
+import runtime
 
 ROOT = Path(__file__).resolve().parent
 KAGGLE_WORKING = Path('/kaggle/working')
@@ -424,16 +425,6 @@ def detect_device() -> hardware.Device:
     return hardware.Device(**info)
 
 
-def hub_reachable(timeout: float = 5.0) -> bool:
-    import urllib.request
-    endpoint = os.environ.get('HF_ENDPOINT', 'https://huggingface.co').rstrip('/')
-    try:
-        urllib.request.urlopen(f'{endpoint}/api/datasets/Skylion007/openwebtext', timeout=timeout)
-        return True
-    except OSError:
-        return False
-
-
 def checkpoint_step(path: Path) -> int | None:
     if not path.is_file():
         return None
@@ -645,10 +636,10 @@ def print_summary(summary: dict):
 # ---- main ----------------------------------------------------------------------------------
 def run(args, overrides) -> int:
     started = time.time()
-    if not args.dry_run and not args.offline and not args.data_files and not hub_reachable():
+    if not args.dry_run and not args.offline and not args.data_files and not runtime.hub_reachable():
         raise UsageError('the Hugging Face hub is unreachable and no --data-files were given: turn on the '
                          'notebook\'s internet, or pass --data-files <local .parquet/.jsonl/.txt> --offline')
-    if not args.offline and not args.dry_run and args.data_files and not hub_reachable():
+    if not args.offline and not args.dry_run and args.data_files and not runtime.hub_reachable():
         print('The Hugging Face hub is unreachable: running offline (no generative perplexity)', flush=True)
         args.offline = True
     device = hardware.preset(args.assume_gpu) if args.assume_gpu else detect_device()

@@ -20,6 +20,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+import runtime
 from atomic import atomic_write, write_text
 from errors import CheckpointError, ConfigError, DataError, RunStopped
 
@@ -27,53 +28,9 @@ log = logging.getLogger('duo')
 STARTED = time.monotonic()  # trainer.max_time counts from here
 
 MODES = ('train', 'ppl_eval', 'sample_eval')
-PRECISIONS = {'16': '16-mixed', '16-mixed': '16-mixed', 'fp16': '16-mixed', 'bf16': 'bf16-mixed',
-              'bf16-mixed': 'bf16-mixed', '32': '32-true', '32-true': '32-true', 'fp32': '32-true'}
 
 
 # ---- resolving the configuration -----------------------------------------------------------
-def device_count(trainer_config) -> int:
-    devices = trainer_config.devices
-    accelerator = resolve_accelerator(trainer_config)
-    if devices in ('auto', -1, '-1'):
-        return torch.cuda.device_count() if accelerator == 'gpu' else 1
-    if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
-        return len(devices)
-    if isinstance(devices, str) and ',' in devices:
-        return len([d for d in devices.split(',') if d.strip()])
-    return int(devices)
-
-
-def resolve_accelerator(trainer_config) -> str:
-    acc = str(trainer_config.accelerator)
-    if acc == 'auto':
-        return 'gpu' if torch.cuda.is_available() else 'cpu'
-    if acc in ('gpu', 'cuda') and not torch.cuda.is_available():
-        raise ConfigError(f"trainer.accelerator={acc} but no CUDA GPU is visible: use trainer.accelerator=cpu")
-    return 'gpu' if acc == 'cuda' else acc
-
-
-def resolve_precision(precision, accelerator: str) -> str:
-    """Map upstream spellings (16, bf16, 32) and 'auto' to Lightning's, checked against the device."""
-    precision = str(precision)
-    if precision == 'auto':
-        if accelerator != 'gpu':
-            return '32-true'
-        return 'bf16-mixed' if torch.cuda.get_device_capability()[0] >= 8 else '16-mixed'
-    if precision not in PRECISIONS:
-        raise ConfigError(f"trainer.precision={precision} is not supported: use one of 16, bf16, 32 or auto "
-                          f"(e.g. trainer.precision=bf16)")
-    resolved = PRECISIONS[precision]
-    if accelerator != 'gpu' and resolved == '16-mixed':
-        log.warning('trainer.precision=%s (fp16 mixed precision) needs a GPU; using 32 on the CPU', precision)
-        return '32-true'
-    if accelerator == 'gpu' and resolved == 'bf16-mixed' and torch.cuda.get_device_capability()[0] < 8:
-        name = torch.cuda.get_device_name()
-        raise ConfigError(f"trainer.precision={precision} needs an Ampere or newer GPU (this {name} has compute "
-                          f"capability {'.'.join(map(str, torch.cuda.get_device_capability()))}): use trainer.precision=16")
-    return resolved
-
-
 def setting_int(config, key: str, example) -> int:
     """The integer setting `key` (dotted), or ConfigError naming it."""
     value = OmegaConf.select(config, key)
@@ -118,11 +75,11 @@ def resolve_config(config: DictConfig) -> DictConfig:
         if OmegaConf.select(config, key) is not None and setting_int(config, key, 8) < 1:
             raise ConfigError(f"{key}={OmegaConf.select(config, key)} must be >= 1 (e.g. {key}=8)")
     t, loader = config.trainer, config.loader
-    accelerator = resolve_accelerator(t)
-    world = device_count(t) * int(t.num_nodes)
+    accelerator = runtime.resolve_accelerator(t.accelerator)
+    world = runtime.world_size(t)
     with open_dict(config):
         t.accelerator = accelerator
-        t.precision = resolve_precision(t.precision, accelerator)
+        t.precision = runtime.resolve_precision(t.precision, accelerator)
         for key, global_key in (('batch_size', 'global_batch_size'), ('eval_batch_size', 'eval_global_batch_size')):
             if loader[key] is None:
                 loader[key] = max(int(loader[global_key]) // world, 1)
@@ -396,7 +353,7 @@ def train(config, run_dir: Path):
 
 def check_training_blocks(config, sampler):
     """The training split must fill one batch per device (the sampler would only find out in fit)."""
-    world = device_count(config.trainer) * int(config.trainer.num_nodes)
+    world = runtime.world_size(config.trainer)
     if sampler.n // world < sampler.batch_size:
         raise DataError(
             f'the training split of data={config.data.name} has {sampler.n} blocks of model.length='

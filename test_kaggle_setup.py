@@ -128,13 +128,9 @@ def resolve_precision(device, wanted: str) -> str:
     return {'16-mixed': '16', 'fp16': '16', 'bf16-mixed': 'bf16', '32-true': '32', 'fp32': '32'}.get(wanted, wanted)
 
 
-def compute_dtype(precision: str):
-    import torch
-    return {'16': torch.float16, 'bf16': torch.bfloat16}.get(precision)
-
-
 def check_precision(device, precision: str):
     import hardware
+    import runtime
     import torch
     if precision not in ('16', 'bf16', '32'):
         raise Fail(f'--precision={precision} is unknown', 'use 16, bf16, 32 or auto (e.g. --precision auto)')
@@ -143,7 +139,7 @@ def check_precision(device, precision: str):
                    'use fp16 mixed precision: trainer.precision=16 (kaggle_train.py picks it by itself)')
     if precision == '16' and not device.is_gpu:
         raise Fail('fp16 mixed precision needs a GPU', 'use trainer.precision=32 on the CPU')
-    dtype = compute_dtype(precision)
+    dtype = runtime.precision_dtype(precision)
     if dtype is not None:
         dev = 'cuda' if device.is_gpu else 'cpu'
         a, b = torch.randn(64, 64, device=dev), torch.randn(64, 64, device=dev)
@@ -169,11 +165,12 @@ def check_flash(device):
 def check_attention(device, precision: str):
     """models/dit.py's attention (the backend the run uses) against softmax(q k^T / sqrt(Dh)) v in float64."""
     import hardware
+    import runtime
     import torch
     from models.dit import DiT
     backend = hardware.attn_backend_for(device)
     dev = 'cuda' if device.is_gpu else 'cpu'
-    dtype = compute_dtype(precision) or torch.float32
+    dtype = runtime.precision_dtype(precision) or torch.float32
     tol = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}[dtype]
     gen = torch.Generator().manual_seed(0)
     B, L, H, Dh = 2, 48, 4, 32
@@ -336,6 +333,7 @@ def check_training_step(device, precision: str, algo: str):
     """Two optimizer steps of the run's algorithm on a tiny DiT: finite losses and gradients,
     the weights move, and (mixed precision) the loss scaler keeps a finite scale."""
     import hardware
+    import runtime
     import torch
     from diffusion import Diffusion
     dev = 'cuda' if device.is_gpu else 'cpu'
@@ -351,7 +349,7 @@ def check_training_step(device, precision: str, algo: str):
     params = list(module.backbone.parameters())
     before = [p.detach().clone() for p in params]
     optimizer = torch.optim.AdamW(params, lr=1e-3)
-    dtype = compute_dtype(precision)
+    dtype = runtime.precision_dtype(precision)
     scaler = torch.amp.GradScaler(dev, enabled=dtype == torch.float16)
     x = torch.randint(0, K - 1, (4, 32), device=dev)
     batch = {'input_ids': x, 'attention_mask': torch.ones_like(x)}

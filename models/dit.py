@@ -4,9 +4,8 @@ Parameter names, their registration order (the EMA stores shadow params as a lis
 order) and every numerical convention follow SPEC §8. Shapes: B batch, L length, K vocabulary,
 d hidden size, c condition size, H heads, Dh = d / H head size.
 
-The attention backend is chosen once, at import: FlashAttention when it imports and a CUDA GPU
-with compute capability >= 8.0 is present, else torch SDPA. `attn_backend` overrides it per
-model.
+The attention backend is runtime.py's decision: FlashAttention when it imports and a CUDA GPU
+with compute capability >= 8.0 is present, else torch SDPA; `attn_backend` overrides it per model.
 """
 import functools
 import logging
@@ -17,41 +16,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import runtime
+
 log = logging.getLogger(__name__)
 
-ATTN_BACKENDS = ('auto', 'flash', 'sdpa')
 SIGMA_FEATURES = 256
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
-
-
-def detect_backend() -> str:
-    """'flash' when flash_attn imports and CUDA has compute capability >= 8.0, else 'sdpa'."""
-    try:
-        import flash_attn  # noqa: F401
-    except (ImportError, OSError, RuntimeError):  # a wheel built for another CUDA/torch fails late
-        return 'sdpa'
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0):
-        return 'sdpa'
-    return 'flash'
-
-
-AUTO_BACKEND = detect_backend()
-if AUTO_BACKEND == 'flash':
-    from flash_attn import flash_attn_func, flash_attn_varlen_func
-
-
-def resolve_attn_backend(name: str) -> str:
-    """Map model.attn_backend ('auto' | 'flash' | 'sdpa') to the backend a model uses."""
-    if name not in ATTN_BACKENDS:
-        raise ValueError(f"model.attn_backend={name} is not one of {', '.join(ATTN_BACKENDS)}; "
-                         "e.g. model.attn_backend=auto")
-    if name == 'auto':
-        return AUTO_BACKEND
-    if name == 'flash' and AUTO_BACKEND != 'flash':
-        raise ValueError('model.attn_backend=flash needs FlashAttention (flash_attn) on a CUDA GPU '
-                         'with compute capability >= 8.0, which this machine lacks; '
-                         'use model.attn_backend=sdpa')
-    return name
 
 
 def sigma_features(sigma: torch.Tensor, dim: int = SIGMA_FEATURES,
@@ -107,6 +77,7 @@ def sdpa_attention(q, k, v, attn_mask=None, is_causal=False) -> torch.Tensor:
 
 def _flash_attention(q, k, v, causal, unpad):
     """FlashAttention on (B, L, H, Dh); unpad = (token indices, cu_seqlens) when padded."""
+    from flash_attn import flash_attn_func, flash_attn_varlen_func  # only where runtime found it usable
     if unpad is None:
         return flash_attn_func(q, k, v, causal=causal)
     index, cu_seqlens = unpad
@@ -281,7 +252,7 @@ class DiT(nn.Module):
         self.vocab_size, self.hidden_size, self.cond_dim = vocab_size, hidden_size, cond_dim
         self.n_blocks, self.n_heads, self.max_length = n_blocks, n_heads, max_length
         self.dropout, self.causal = dropout, causal
-        self.attn_backend = resolve_attn_backend(attn_backend)
+        self.attn_backend = runtime.resolve_attn_backend(attn_backend)
         # Registration order fixes parameters() order, which EMA shadow lists rely on.
         self.vocab_embed = VocabEmbedding(vocab_size, hidden_size)
         if not causal:

@@ -7,6 +7,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import diffusion
+import runtime
 from conftest import ROOT
 
 SMALL = ['model=micro', 'model.length=8', 'model.hidden_size=32', 'model.n_heads=2', 'model.n_blocks=2',
@@ -23,7 +24,7 @@ def compiled(backbone):
 
 
 def test_compile_is_off_by_default_and_compiles_the_blocks_in_place_when_asked(monkeypatch):
-    monkeypatch.setattr(diffusion.shutil, 'which', lambda name: '/usr/bin/' + name)
+    monkeypatch.setattr(runtime.shutil, 'which', lambda name: '/usr/bin/' + name)
     plain = diffusion.make_backbone(config('algo=duo_base'), 35, causal=False)
     assert compiled(plain) == [False, False]
     backbone = diffusion.make_backbone(config('algo=duo_base', 'model.compile=true'), 35, causal=False)
@@ -32,8 +33,8 @@ def test_compile_is_off_by_default_and_compiles_the_blocks_in_place_when_asked(m
 
 
 def test_compile_without_a_cpu_compiler_is_ignored_with_a_warning(monkeypatch, caplog):
-    monkeypatch.setattr(diffusion.shutil, 'which', lambda name: None)
-    assert 'C++ compiler' in diffusion.compile_unsupported('cpu')
+    monkeypatch.setattr(runtime.shutil, 'which', lambda name: None)
+    assert 'C++ compiler' in runtime.compile_unsupported('cpu')
     with caplog.at_level(logging.WARNING, logger='diffusion'):
         backbone = diffusion.make_backbone(config('algo=duo_base', 'model.compile=true'), 35, causal=False)
     assert compiled(backbone) == [False, False]
@@ -41,7 +42,7 @@ def test_compile_without_a_cpu_compiler_is_ignored_with_a_warning(monkeypatch, c
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(diffusion.compile_unsupported('cpu') is not None, reason='torch.compile cannot run here')
+@pytest.mark.skipif(runtime.compile_unsupported('cpu') is not None, reason='torch.compile cannot run here')
 def test_compiled_blocks_compute_the_eager_logits_and_gradients():
     torch.manual_seed(0)
     eager = diffusion.make_backbone(config('algo=duo_base'), 35, causal=False)

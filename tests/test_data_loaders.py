@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 import checkpoints
 import dataloader
 import errors
+import runtime
 
 
 def make_cache(path, n, length=6):
@@ -65,7 +66,7 @@ def test_ddp_shards_are_disjoint(monkeypatch, world):
     per_rank = n // world
     train, evals = [], []
     for rank in range(world):
-        monkeypatch.setattr(dataloader, '_rank_world', lambda r=rank: (r, world))
+        monkeypatch.setattr(runtime, 'rank_world', lambda r=rank: (r, world))
         batches = take(iter(dataloader.TrainBatchSampler(n, bs, seed=0)), per_rank // bs)
         train.append([i for b in batches for i in rows(b, n)])
         evals.append([i for b in dataloader.EvalBatchSampler(n, 4) for i in b])
@@ -85,8 +86,8 @@ def test_too_few_blocks_for_a_batch():
     (2, 1, 'cpu', 1), (1, 1, 'cpu', 0), (64, 1, 'gpu', 4), (16, 8, 'gpu', 1), (16, '0,1', 'gpu', 4),
     (8, [0, 1, 2, 3], 'gpu', 1)])
 def test_default_num_workers(monkeypatch, cpus, devices, accelerator, expected):
-    monkeypatch.setattr(dataloader, '_cpus', lambda: cpus)
-    assert dataloader.default_num_workers(loader_config(devices=devices, accelerator=accelerator).trainer) == expected
+    monkeypatch.setattr(runtime, 'cpus', lambda: cpus)
+    assert runtime.default_num_workers(loader_config(devices=devices, accelerator=accelerator).trainer) == expected
 
 
 def test_pin_memory_only_on_gpu(tmp_path):

@@ -5,15 +5,13 @@ SPEC text (explicit LayerNorm, rotary, einsum attention with explicit masks).
 """
 import logging
 import math
-import sys
-import types
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from models import dit
-from models.dit import DiT, resolve_attn_backend, sdpa_attention, sdpa_mask
+import runtime
+from models.dit import DiT, sdpa_attention, sdpa_mask
 
 K, D, C, N_BLOCKS, HEADS, MAX_LEN = 37, 32, 16, 2, 4, 16
 
@@ -350,40 +348,39 @@ def test_kv_cache_errors():
 def fake_gpu(monkeypatch, capability, flash_importable):
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda *a: capability)
-    monkeypatch.setitem(sys.modules, 'flash_attn',
-                        types.ModuleType('flash_attn') if flash_importable else None)
+    monkeypatch.setattr(runtime, 'flash_attn_importable', lambda: flash_importable)
 
 
 @pytest.mark.parametrize('capability,importable,expected', [
     ((7, 5), True, 'sdpa'), ((8, 0), True, 'flash'), ((9, 0), True, 'flash'), ((9, 0), False, 'sdpa')])
 def test_detect_backend(monkeypatch, capability, importable, expected):
     fake_gpu(monkeypatch, capability, importable)
-    assert dit.detect_backend() == expected
+    assert runtime.detect_attn_backend() == expected
 
 
 def test_detect_backend_without_cuda(monkeypatch):
-    monkeypatch.setitem(sys.modules, 'flash_attn', types.ModuleType('flash_attn'))
+    monkeypatch.setattr(runtime, 'flash_attn_importable', lambda: True)
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
-    assert dit.detect_backend() == 'sdpa'
+    assert runtime.detect_attn_backend() == 'sdpa'
 
 
 def test_resolve_backend(monkeypatch):
-    monkeypatch.setattr(dit, 'AUTO_BACKEND', 'sdpa')  # what import chose on a 7.5 GPU / CPU
-    assert resolve_attn_backend('auto') == 'sdpa'
-    assert resolve_attn_backend('sdpa') == 'sdpa'
+    monkeypatch.setattr(runtime, 'detect_attn_backend', lambda: 'sdpa')  # a 7.5 GPU / the CPU
+    assert runtime.resolve_attn_backend('auto') == 'sdpa'
+    assert runtime.resolve_attn_backend('sdpa') == 'sdpa'
     with pytest.raises(ValueError, match=r'model\.attn_backend=flash needs FlashAttention.*'
                                          r'compute capability >= 8\.0.*use model\.attn_backend=sdpa'):
-        resolve_attn_backend('flash')
+        runtime.resolve_attn_backend('flash')
     with pytest.raises(ValueError, match='model.attn_backend=xformers'):
-        resolve_attn_backend('xformers')
-    monkeypatch.setattr(dit, 'AUTO_BACKEND', 'flash')
-    assert resolve_attn_backend('auto') == 'flash'
-    assert resolve_attn_backend('flash') == 'flash'
-    assert resolve_attn_backend('sdpa') == 'sdpa'
+        runtime.resolve_attn_backend('xformers')
+    monkeypatch.setattr(runtime, 'detect_attn_backend', lambda: 'flash')
+    assert runtime.resolve_attn_backend('auto') == 'flash'
+    assert runtime.resolve_attn_backend('flash') == 'flash'
+    assert runtime.resolve_attn_backend('sdpa') == 'sdpa'
 
 
 def test_forced_flash_raises_here_and_choice_is_logged(caplog):
-    if dit.AUTO_BACKEND == 'flash':
+    if runtime.detect_attn_backend() == 'flash':
         pytest.skip('FlashAttention is usable on this machine')
     with pytest.raises(ValueError, match='use model.attn_backend=sdpa'):
         DiT(K, D, C, 1, HEADS, MAX_LEN, attn_backend='flash')

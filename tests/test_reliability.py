@@ -32,6 +32,7 @@ import checkpoints
 import diffusion
 import errors
 import main
+import runtime
 from conftest import ROOT
 
 pytestmark = [pytest.mark.filterwarnings('ignore:You defined a `validation_step` but have no `val_dataloader`'),
@@ -436,10 +437,10 @@ def test_bf16_on_a_gpu_without_it_suggests_16(monkeypatch):
     monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda *a: (7, 5))
     monkeypatch.setattr(torch.cuda, 'get_device_name', lambda *a: 'Tesla T4')
     with pytest.raises(errors.ConfigError) as error:
-        main.resolve_precision('bf16', 'gpu')
+        runtime.resolve_precision('bf16', 'gpu')
     assert str(error.value) == ('trainer.precision=bf16 needs an Ampere or newer GPU (this Tesla T4 has compute '
                                 'capability 7.5): use trainer.precision=16')
-    assert main.resolve_precision('16', 'gpu') == '16-mixed'
+    assert runtime.resolve_precision('16', 'gpu') == '16-mixed'
 
 
 @pytest.mark.parametrize('full_error', [False, True])
