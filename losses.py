@@ -11,6 +11,8 @@ backward. Autograd notices the misuse it can see (another node that saved the lo
 backward through the graph) and raises its in-place modification error; logits that are a leaf
 tensor are never overwritten.
 """
+import math
+
 import torch
 
 # Rows per block of the fused kernels. None = automatic: on the CPU a block of about
@@ -51,9 +53,7 @@ def mdlm_loss(logits: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, alpha_t:
     """
     masked = xt == mask_id
     if logits.dim() == 2:
-        if logits.shape[0] != int(masked.sum()):
-            raise ValueError(f'{logits.shape[0]} rows of logits for {int(masked.sum())} masked positions: pass '
-                             'all (B, L, K) logits or those of the masked positions (output_rows=xt == mask_id)')
+        _check_masked_rows(logits, masked)
         log_z, _, picked = _stats(logits, excluded_id=mask_id, ids=x0[masked][:, None], reuse=reuse_logits)
         weight = _at_least_f32(dalpha_t / (1 - alpha_t)).expand(x0.shape)[masked]
         values = weight * (picked[:, 0] - log_z)
@@ -62,6 +62,106 @@ def mdlm_loss(logits: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, alpha_t:
     log_p_x0 = picked[..., 0] - log_z
     weight = _at_least_f32(dalpha_t / (1 - alpha_t))
     return torch.where(masked, weight * log_p_x0, torch.zeros_like(log_p_x0))
+
+
+def sedd_loss(logits: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, alpha_t: torch.Tensor,
+              dalpha_t: torch.Tensor, mask_id: int, reuse_logits: bool = False) -> torch.Tensor:
+    """SEDD absorbing score entropy per token (SPEC-2 §11), float32 (B, L) (float64 for float64 logits).
+
+    The network's logits l give the unnormalised x_theta u_j = exp(l_j) / (K - 1), j != mask, with
+    total mass S, log S = LSE_{j != mask}(l) - log(K - 1). At a masked position with clean id m
+    l = (-alpha'_t / (1 - alpha_t)) [(S - 1 - log S) + (LSE_{j != mask}(l) - l_m)],
+    0 elsewhere: the MDLM loss of softmax_{j != mask}(l) plus a normalisation penalty >= 0 (0 iff
+    S = 1). It equals upstream's sigma'_t [sum_j s_j - r log s_m + r (log r - 1)], r = alpha/(1-alpha).
+    logits: (B, L, K), or (n, K) for the n masked positions only (DiT(..., output_rows=xt == mask_id)).
+    """
+    masked = xt == mask_id
+    K = logits.shape[-1]
+    if logits.dim() == 2:
+        _check_masked_rows(logits, masked)
+        log_z, _, picked = _stats(logits, excluded_id=mask_id, ids=x0[masked][:, None], reuse=reuse_logits)
+        weight = _at_least_f32(-dalpha_t / (1 - alpha_t)).expand(x0.shape)[masked]
+        values = weight.to(log_z.dtype) * _score_entropy(log_z, picked[:, 0], K)
+        return values.new_zeros(x0.shape).masked_scatter(masked, values)
+    log_z, _, picked = _stats(logits, excluded_id=mask_id, ids=x0[..., None], rows=masked, reuse=reuse_logits)
+    weight = _at_least_f32(-dalpha_t / (1 - alpha_t)).to(log_z.dtype)
+    values = weight * _score_entropy(log_z, picked[..., 0], K)
+    return torch.where(masked, values, torch.zeros_like(values))
+
+
+def _score_entropy(log_z: torch.Tensor, logit_m: torch.Tensor, K: int) -> torch.Tensor:
+    """(S - 1 - log S) + (log Z - l_m) with log S = log Z - log(K - 1); expm1 keeps S ~ 1 exact."""
+    log_s = log_z - math.log(K - 1)
+    return (torch.expm1(log_s) - log_s) + (log_z - logit_m)
+
+
+def d3pm_loss(logits: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, alpha_t: torch.Tensor,
+              alpha_s: torch.Tensor, T: int, mask_id: int, reuse_logits: bool = False) -> torch.Tensor:
+    """T KL_i per token of absorbing D3PM in discrete time (SPEC-2 §12), float32 (B, L).
+
+    x̂ = softmax(l) over all K classes, the [MASK] included (mean parameterisation, no SUBS).
+    alpha_t, alpha_s (B, 1): alpha(t_i), alpha(t_{i-1}) of the step i (noise_schedule.discrete_alphas;
+    alpha_s = 1 at i = 1). With rho = alpha/(1 - alpha), a = (alpha_s - alpha_t)/(1 - alpha_t),
+    b = (1 - alpha_s)/(1 - alpha_t), at a masked position
+    KL_i = a [log(1 + rho_t x̂_mask) - log x̂_m] + b [log(1 + rho_t x̂_mask) - log(1 + rho_s x̂_mask)],
+    the KL between the true posterior q(z_s | z_t = mask, x) and p_theta(z_s | z_t); 0 elsewhere.
+    The b term is omitted where alpha_s = 1 (b = 0, rho_s = inf). Only log Z, l_m and l_mask of a
+    row are needed (one fused pass). logits: (B, L, K), or (n, K) for the masked positions only.
+    The per-token NELBO estimate is d3pm_reconstruction_loss(clean pass) + this, with i ~ U{1..T}.
+    """
+    masked = xt == mask_id
+    ids = torch.stack([x0, torch.full_like(x0, mask_id)], dim=-1)
+    shape = x0.shape
+    if logits.dim() == 2:
+        _check_masked_rows(logits, masked)
+        log_z, _, picked = _stats(logits, ids=ids[masked], reuse=reuse_logits)
+        coefs = [c.expand(shape)[masked] for c in _d3pm_coefficients(alpha_t, alpha_s)]
+        values = T * _d3pm_kl(log_z, picked, *coefs)
+        return values.new_zeros(shape).masked_scatter(masked, values)
+    log_z, _, picked = _stats(logits, ids=ids, rows=masked, reuse=reuse_logits)
+    # rows without statistics have log Z = 0: exp(l_mask - 0) may overflow there, and an inf in the
+    # branch torch.where discards still turns its zero gradient into NaN (0 * inf)
+    picked = picked.masked_fill(~masked[..., None], 0)
+    values = T * _d3pm_kl(log_z, picked, *_d3pm_coefficients(alpha_t, alpha_s))
+    return torch.where(masked, values, torch.zeros_like(values))
+
+
+def _d3pm_coefficients(alpha_t: torch.Tensor, alpha_s: torch.Tensor):
+    """(a, b, rho_t, rho_s) in the alphas' precision (at least float32); rho_s := 0 where alpha_s = 1
+    (there b = 0 exactly, and b * log(1 + rho_s x̂_mask) must be 0, not 0 * inf)."""
+    alpha_t, alpha_s = _at_least_f32(alpha_t), _at_least_f32(alpha_s)
+    final = alpha_s == 1
+    a = (alpha_s - alpha_t) / (1 - alpha_t)
+    b = (1 - alpha_s) / (1 - alpha_t)
+    rho_t = alpha_t / (1 - alpha_t)
+    rho_s = torch.where(final, torch.zeros_like(alpha_s), alpha_s / torch.where(final, torch.ones_like(alpha_s),
+                                                                                 1 - alpha_s))
+    return a, b, rho_t, rho_s
+
+
+def _d3pm_kl(log_z, picked, a, b, rho_t, rho_s):
+    """KL_i from the row statistics: picked (..., 2) = (l_m, l_mask); coefficients broadcast to log_z."""
+    a, b, rho_t, rho_s = (c.to(log_z.dtype) for c in (a, b, rho_t, rho_s))
+    log_x_m = picked[..., 0] - log_z
+    x_mask = torch.exp(picked[..., 1] - log_z)
+    log_n_t = torch.log1p(rho_t * x_mask)  # log(N / (1 - alpha_t)), N the normaliser of p_theta
+    return a * (log_n_t - log_x_m) + b * (log_n_t - torch.log1p(rho_s * x_mask))
+
+
+def d3pm_reconstruction_loss(logits: torch.Tensor, x0: torch.Tensor, reuse_logits: bool = False) -> torch.Tensor:
+    """L_rec = -log x̂(x, sigma = 0)[x0] per token (SPEC-2 §12), float32 (B, L).
+
+    logits (B, L, K): the network on the CLEAN sequence x0 at sigma = 0; x̂ = softmax over all K
+    classes (the [MASK] included, as in d3pm_loss). Every position counts (z_0 = x everywhere).
+    """
+    log_z, _, picked = _stats(logits, ids=x0[..., None], reuse=reuse_logits)
+    return log_z - picked[..., 0]
+
+
+def _check_masked_rows(logits: torch.Tensor, masked: torch.Tensor) -> None:
+    if logits.shape[0] != int(masked.sum()):
+        raise ValueError(f'{logits.shape[0]} rows of logits for {int(masked.sum())} masked positions: pass '
+                         'all (B, L, K) logits or those of the masked positions (output_rows=xt == mask_id)')
 
 
 def duo_loss(logits: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, alpha_t: torch.Tensor,

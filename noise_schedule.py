@@ -60,11 +60,42 @@ def stratified_times(batch_size: int, sampling_eps: float, rank: int = 0, world_
     with u_k ~ U(0, 1); this rank holds k in [rank * batch_size, (rank + 1) * batch_size).
     Each rank draws its own u (its generator is seeded per rank), so the draws differ across ranks.
     """
+    t = _stratified_unit(batch_size, rank, world_size, generator, device)
+    return (sampling_eps + (1 - sampling_eps) * t).float()
+
+
+def _stratified_unit(batch_size: int, rank: int, world_size: int, generator, device) -> torch.Tensor:
+    """(batch_size,) float64 in [0, 1): this rank's (u_k + k) / n mod 1 of a global batch of n (SPEC §3)."""
     n = batch_size * world_size
     k = torch.arange(rank * batch_size, (rank + 1) * batch_size, device=device, dtype=torch.float64)
     u = torch.rand(batch_size, generator=generator, device=device, dtype=torch.float64)
-    t = ((u + k) / n) % 1.0
-    return (sampling_eps + (1 - sampling_eps) * t).float()
+    return ((u + k) / n) % 1.0
+
+
+def discrete_times(batch_size: int, T: int, rank: int = 0, world_size: int = 1,
+                   generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    """Step indices i (batch_size,) int64 in 1..T for discrete-time training (SPEC-2 §12).
+
+    i = floor(u T) + 1 with u stratified on [0, 1) as in stratified_times (the same per-rank slices)
+    but without sampling_eps, so that every i, the final unmasking step i = 1 included, has
+    probability 1/T (upstream's u >= 1e-3 never drew i = 1 for T = 1000).
+    """
+    if isinstance(T, bool) or int(T) != T or T < 1:
+        raise ValueError(f'algo.T={T} must be an integer >= 1 for discrete-time training (e.g. algo.T=1000)')
+    u = _stratified_unit(batch_size, rank, world_size, generator, device)
+    # u < 1, but u T may round up to T for u within one ulp of 1
+    return (u * T).floor().long().add_(1).clamp_(max=int(T))
+
+
+def discrete_alphas(schedule, i: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(alpha_t, alpha_s) = (alpha(i / T), alpha((i - 1) / T)) for step indices i (any shape), float64.
+
+    alpha_s is exactly 1 at i = 1 (alpha_0 = 1: the step to the clean data), whatever the schedule's
+    rounding at t = 0. float64: 1 - alpha_t ~ 1/T and alpha_s - alpha_t ~ 1/T lose digits in float32.
+    """
+    i = i.to(torch.float64)
+    alpha_s = schedule.alpha((i - 1) / T)
+    return schedule.alpha(i / T), torch.where(i == 1, torch.ones_like(alpha_s), alpha_s)
 
 
 # ---------------------------------------------------------------------------------------------

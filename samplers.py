@@ -10,11 +10,16 @@ returns LOGITS, so that the samplers only touch the (rows, K) slices they need:
   draw from x̂ is needed only for the tokens that pick that component.
 - absorbing step: which masked tokens unmask does not depend on x̂, so it is decided first, and
   the network runs only on the sequences that have a token to fill (`cache=True`).
+- SEDD `analytic` and D3PM steps (SPEC-2 §11, §12): the unmask probability of a masked token does
+  depend on the network (its score mass S, resp. x̂_mask), so they take the step's logits; one pass
+  per masked row gives it, then the token is drawn like the absorbing step's.
 
 Categorical draws are (two-level) Gumbel-max over the logits with noise drawn in float64 by
 default (low-precision noise truncates the Gumbel tail and lowers sample entropy), in row chunks
 of bounded size.
 """
+import math
+
 import torch
 from tqdm.auto import tqdm
 
@@ -199,6 +204,75 @@ def fill_from_logits(z: torch.Tensor, positions: torch.Tensor, logits_rows: torc
     nucleus_filter_(rows, p_nucleus)
     z[positions[:, 0], positions[:, 1]] = gumbel_argmax(rows, generator, use_float64)
     return z
+
+
+def sedd_step(z: torch.Tensor, logits: torch.Tensor, alpha_t: float, alpha_s: float, mask_id: int,
+              p_nucleus: float = 1.0, generator=None, use_float64: bool = True) -> torch.Tensor:
+    """One SEDD `analytic` (Tweedie tau-leaping) step t -> s, absorbing (SPEC-2 §11): z_t (B, L) -> z_s (B, L).
+
+    logits (B, L, K): the score network at (z_t, sigma_t); at a masked position they define the
+    unnormalised x̂: u_j = exp(l_j) / (K - 1), j != mask, with mass S. A masked token is unmasked
+    w.p. min(1, c S), c = (alpha_s - alpha_t) / (1 - alpha_t), to j ∝ u_j (upstream's p_mask = 1 - c S
+    can be negative; its Gumbel draw never picks it, i.e. it clamps at 0: done here explicitly);
+    unmasked tokens never change. alpha_s = 1 is the final denoising (upstream's `_denoiser_update`):
+    every remaining mask is drawn. p_nucleus < 1 truncates u (normalised) before the draw of j and
+    leaves the unmask probability as it is, like the absorbing sampler of §6 (upstream ignores it).
+    Only the masked rows of logits are read (and copied).
+    """
+    out = z.clone()
+    positions = (z == mask_id).nonzero()
+    if len(positions) == 0:
+        return out
+    rows = logits[positions[:, 0], positions[:, 1]]
+    if alpha_s < 1:
+        K = rows.shape[-1]
+        log_mass = _logsumexp_without(rows, mask_id) - math.log(K - 1)  # log S
+        p_unmask = torch.exp(log_mass + math.log((alpha_s - alpha_t) / (1 - alpha_t))).clamp_(max=1)
+        unmask = _bernoulli(p_unmask, generator)
+        positions, rows = positions[unmask], rows[unmask]
+    return fill_from_logits(out, positions, rows, mask_id, p_nucleus, generator, use_float64)
+
+
+def d3pm_step(z: torch.Tensor, logits: torch.Tensor, alpha_t: float, alpha_s: float, mask_id: int,
+              p_nucleus: float = 1.0, generator=None, use_float64: bool = True) -> torch.Tensor:
+    """One reverse step t -> s (any s < t) of absorbing D3PM (SPEC-2 §12): z_t (B, L) -> z_s (B, L).
+
+    logits (B, L, K): x̂ = softmax over all K classes, the [MASK] included. A masked token goes to
+    j != mask w.p. (alpha_s - alpha_t) x̂_j / N and stays masked w.p. [(1 - alpha_s)(1 - x̂_mask) + x̂_mask] / N,
+    N = (1 - alpha_t)(1 - x̂_mask) + x̂_mask: it unmasks w.p. (alpha_s - alpha_t)(1 - x̂_mask) / N, to
+    j ∝ x̂_j, j != mask. Unmasked tokens never change (no SUBS carry-over is assumed of the network).
+    alpha_s = 1 is the last step: every mask is drawn from x̂ restricted to j != mask. p_nucleus < 1
+    truncates that restricted x̂ before the draw (the unmask probability keeps the model's x̂_mask).
+    Only the masked rows of logits are read (and copied).
+    """
+    out = z.clone()
+    positions = (z == mask_id).nonzero()
+    if len(positions) == 0:
+        return out
+    rows = logits[positions[:, 0], positions[:, 1]]
+    if alpha_s < 1:
+        # log-softmax in place (the draw below does not see a per-row shift); 1 - x̂_mask by expm1
+        log_x_mask = log_softmax_at_(rows, torch.full_like(positions[:, 0], mask_id))
+        x_mask, not_mask = torch.exp(log_x_mask), -torch.expm1(log_x_mask)
+        p_unmask = (alpha_s - alpha_t) * not_mask / ((1 - alpha_t) * not_mask + x_mask)
+        unmask = _bernoulli(p_unmask, generator)
+        positions, rows = positions[unmask], rows[unmask]
+    return fill_from_logits(out, positions, rows, mask_id, p_nucleus, generator, use_float64)
+
+
+def _bernoulli(p: torch.Tensor, generator) -> torch.Tensor:
+    """(N,) bool, True w.p. p (float64 uniforms)."""
+    return torch.rand(p.shape, dtype=torch.float64, generator=generator, device=p.device) < p
+
+
+def _logsumexp_without(rows: torch.Tensor, excluded_id: int) -> torch.Tensor:
+    """LSE over every class but excluded_id per row of rows (N, K) -> (N,) float64; rows unchanged."""
+    out = torch.empty(rows.shape[0], dtype=torch.float64, device=rows.device)
+    for start, end in _row_chunks(rows.shape[0], rows.shape[1], rows.device):
+        chunk = rows[start:end].to(torch.promote_types(rows.dtype, torch.float32), copy=True)
+        chunk[:, excluded_id] = float('-inf')
+        out[start:end] = torch.logsumexp(chunk, -1)
+    return out
 
 
 # ---------------------------------------------------------------------------- samplers

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import losses
+import noise_schedule
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,6 +374,9 @@ def test_losses_are_float32_for_low_precision_logits(dtype):
         (lambda lg, a, d: losses.duo_loss(lg, x0, xt_u, a, d), 1e-4),
         (lambda lg, a, d: losses.mdlm_loss(lg, x0, xt_m, a, d, mask_id), 1e-5),
         (lambda lg, a, d: losses.ar_nll(lg, x0, excluded_id=mask_id), 1e-5),
+        (lambda lg, a, d: losses.sedd_loss(lg, x0, xt_m, a, d, mask_id), 1e-5),
+        (lambda lg, a, d: losses.d3pm_loss(lg, x0, xt_m, a, a + 0.1, 10, mask_id), 1e-5),
+        (lambda lg, a, d: losses.d3pm_reconstruction_loss(lg, x0), 1e-5),
     ]
     for fn, tol in cases:
         out = fn(logits, alpha, dalpha)
@@ -394,6 +398,9 @@ def test_losses_do_not_modify_logits():
     losses.ar_nll(logits, x0, excluded_id=5)
     losses.mdlm_loss(logits, x0, torch.full_like(x0, 5), alpha, dalpha, 5)
     losses.duo_loss(logits, x0, x0, alpha, dalpha)
+    losses.sedd_loss(logits, x0, torch.full_like(x0, 5), alpha, dalpha, 5)
+    losses.d3pm_loss(logits, x0, torch.full_like(x0, 5), alpha, alpha + 0.1, 10, 5)
+    losses.d3pm_reconstruction_loss(logits, x0)
     losses.softmax_stats(logits, excluded_id=0)
     assert torch.equal(logits, before)
 
@@ -456,6 +463,9 @@ def test_no_logit_sized_intermediate_is_saved_for_backward():
     for fn in (lambda: losses.duo_loss(logits, x0, xt, alpha, dalpha),
                lambda: losses.mdlm_loss(logits, x0, torch.full_like(x0, K - 1), alpha, dalpha, K - 1),
                lambda: losses.ar_nll(logits, x0, excluded_id=K - 1),
+               lambda: losses.sedd_loss(logits, x0, torch.full_like(x0, K - 1), alpha, dalpha, K - 1),
+               lambda: losses.d3pm_loss(logits, x0, torch.full_like(x0, K - 1), alpha, alpha + 0.1, 10, K - 1),
+               lambda: losses.d3pm_reconstruction_loss(logits, x0),
                lambda: losses.distillation_kl(logits, teacher)):
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
@@ -591,3 +601,294 @@ def test_mdlm_loss_on_the_masked_rows_only_equals_the_full_logits():
     torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match='masked positions'):
         losses.mdlm_loss(hidden[masked][1:] @ weight, x0, xt_m, alpha, dalpha, mask_id)
+
+
+# ---------------------------------------------------------------------------------------------
+# SEDD (SPEC-2 §11)
+def upstream_score_entropy(logits, x0, xt, alpha, dalpha, mask_id):
+    """SEDD's score entropy with the scores written out, float64 torch (autograd-able), (B, L).
+
+    log s_j = l_j - log(e^sigma - 1) - log(K - 1) for j != z_t (the input's own entry is unused),
+    r = 1 / (e^sigma - 1), sigma' = -alpha'/alpha; at a masked position
+    l = sigma' [sum_{j != mask} s_j - r log s_m + r (log r - 1)], 0 elsewhere.
+    """
+    K = logits.shape[-1]
+    sigma = -torch.log(alpha)
+    dsigma = -dalpha / alpha
+    log_score = logits - torch.log(torch.expm1(sigma))[..., None] - math.log(K - 1)
+    others = torch.arange(K) != mask_id
+    pos = log_score[..., others].exp().sum(-1)
+    r = 1 / torch.expm1(sigma)
+    neg = r * log_score.gather(-1, x0[..., None])[..., 0]
+    const = r * (torch.log(r) - 1)
+    return torch.where(xt == mask_id, dsigma * (pos - neg + const), torch.zeros_like(pos))
+
+
+def _absorbing_inputs(B, L, K, mask_id, seed):
+    g = torch.Generator().manual_seed(seed)
+    real = torch.tensor([j for j in range(K) if j != mask_id])
+    x0 = real[torch.randint(0, K - 1, (B, L), generator=g)]
+    xt = torch.where(torch.rand(B, L, generator=g) < 0.6, torch.full_like(x0, mask_id), x0)
+    alpha = torch.rand(B, 1, generator=g, dtype=torch.float64) * 0.98 + 0.01
+    dalpha = -torch.rand(B, 1, generator=g, dtype=torch.float64) * 2 - 0.1
+    return g, x0, xt, alpha, dalpha
+
+
+@pytest.mark.parametrize('K,mask_id', [(2, 1), (7, 3), (50, 49)])
+def test_sedd_loss_equals_upstream_score_entropy(K, mask_id):
+    """SPEC-2 §11 check (1): the closed form = upstream's pos - neg + const, float64, rtol 1e-12."""
+    B, L = 40, 6
+    g, x0, xt, alpha, dalpha = _absorbing_inputs(B, L, K, mask_id, seed=K)
+    # logit scales from flat to peaked, and offsets that put S far from 1 both ways
+    logits = (torch.randn(B, L, K, generator=g, dtype=torch.float64) * torch.rand(B, 1, 1, generator=g) * 6
+              + torch.randn(B, L, 1, generator=g, dtype=torch.float64) * 2)
+    logits[..., mask_id] += 30.0  # the mask's logit is never used
+    got = losses.sedd_loss(logits, x0, xt, alpha, dalpha, mask_id)
+    ref = upstream_score_entropy(logits, x0, xt, alpha, dalpha, mask_id)
+    assert got.dtype == torch.float64 and (xt == mask_id).sum() > B * L // 3
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    assert (got[xt != mask_id] == 0).all() and (got[xt == mask_id] > 0).all()
+
+
+def test_sedd_loss_with_normalised_scores_is_mdlm_plus_the_normalisation_penalty():
+    """SPEC-2 §11 check (2): l_j = log((K-1) p_j) (S = 1) gives mdlm_loss exactly; scaling u by lambda
+    adds (-alpha'/(1-alpha)) (lambda - 1 - log lambda)."""
+    B, L, K, mask_id = 6, 8, 9, 2
+    g, x0, xt, alpha, dalpha = _absorbing_inputs(B, L, K, mask_id, seed=0)
+    p = torch.rand(B, L, K, generator=g, dtype=torch.float64) ** 3
+    p[..., mask_id] = 0
+    p /= p.sum(-1, keepdim=True)
+    logits = torch.log((K - 1) * p)  # the mask logit is -inf: unused
+    sedd = losses.sedd_loss(logits, x0, xt, alpha, dalpha, mask_id)
+    torch.testing.assert_close(sedd, losses.mdlm_loss(logits, x0, xt, alpha, dalpha, mask_id), rtol=1e-12, atol=1e-13)
+    masked = xt == mask_id
+    for lam in (0.05, 0.7, 1.3, 20.0):
+        penalty = -dalpha / (1 - alpha) * (lam - 1 - math.log(lam))
+        scaled = losses.sedd_loss(logits + math.log(lam), x0, xt, alpha, dalpha, mask_id)
+        torch.testing.assert_close(scaled - sedd, torch.where(masked, penalty, 0.0), rtol=1e-11, atol=1e-12)
+
+
+def test_sedd_loss_monte_carlo_expectation_over_time():
+    """SPEC-2 §11 check (3): L = 1, S = 1, a time-independent u, log-linear alpha:
+    E_t E_z l = (1 - eps)(-log u_m) (t stratified as in training, sampling_eps = 1e-3)."""
+    K, mask_id, m, eps, n = 6, 4, 1, 1e-3, 400_000
+    u = torch.tensor([0.1, 0.25, 0.05, 0.4, 0.0, 0.2], dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    schedule = noise_schedule.LogLinear(eps)
+    t = noise_schedule.stratified_times(n, 1e-3, generator=g).double()
+    alpha, dalpha = schedule.alpha(t)[:, None], schedule.dalpha(t)[:, None]
+    xt = torch.where(torch.rand(n, 1, generator=g, dtype=torch.float64) < alpha, m, mask_id)
+    logits = torch.log((K - 1) * u).expand(n, 1, K)
+    loss = losses.sedd_loss(logits, torch.full((n, 1), m), xt, alpha, dalpha, mask_id)[:, 0]
+    expected = (1 - eps) * -math.log(u[m])
+    z = (loss.mean().item() - expected) / (loss.std().item() / math.sqrt(n))
+    assert abs(z) < 4, (loss.mean().item(), expected)
+
+
+def test_sedd_loss_on_the_masked_rows_only_equals_the_full_logits():
+    x0, _, xt_m, alpha, dalpha, mask_id, hidden, weight = _loss_inputs()
+    masked = xt_m == mask_id
+    results = []
+    for compact in (False, True):
+        w = weight.clone().requires_grad_(True)
+        logits = (hidden[masked] if compact else hidden) @ w
+        loss = losses.sedd_loss(logits, x0, xt_m, alpha, dalpha, mask_id, reuse_logits=compact)
+        loss.sum().backward()
+        results.append((loss.detach(), w.grad))
+    assert torch.equal(results[1][0] == 0, ~masked)
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match='masked positions'):
+        losses.sedd_loss(hidden[masked][1:] @ weight, x0, xt_m, alpha, dalpha, mask_id)
+
+
+# ---------------------------------------------------------------------------------------------
+# D3PM absorbing, discrete time (SPEC-2 §12). Dense references: K x K transition matrices.
+def absorbing_matrix(alpha, K, mask_id):
+    """Q[from, to] of the absorbing forward process at signal level alpha (float), (K, K) float64."""
+    Q = alpha * torch.eye(K, dtype=torch.float64)
+    Q[:, mask_id] += 1 - alpha
+    return Q
+
+
+def dense_reverse(v, zt, alpha_t, alpha_s, K, mask_id):
+    """q(z_s | z_t, v) ∝ q(z_t | z_s) sum_y q(z_s | y) v_y, (K,) for a distribution v (K,) over x.
+
+    v one-hot: the true posterior; v = x̂: D3PM's p_theta(z_s | z_t)."""
+    q_ts = absorbing_matrix(alpha_t / alpha_s, K, mask_id)[:, zt]  # q(z_t | z_s = j) over j
+    joint = q_ts * (v @ absorbing_matrix(alpha_s, K, mask_id))
+    return joint / joint.sum()
+
+
+def dense_kl(q, p):
+    keep = q > 0
+    return (q[keep] * (q[keep].log() - p[keep].log())).sum()
+
+
+def dense_d3pm_nelbo(table, clean_logits, m, schedule, T, mask_id):
+    """sum_i E_{z_t ~ q(.|x)} KL(q(z_s | z_t, x) || p_theta(z_s | z_t)) + L_rec, L = 1, by enumeration.
+
+    table (T, K, K): the denoiser's logits at step i (index i - 1) and input z_t; clean_logits (K,)."""
+    K = table.shape[-1]
+    x = F.one_hot(torch.tensor(m), K).double()
+    total = -clean_logits.log_softmax(-1)[m]
+    for i in range(1, T + 1):
+        a_t = schedule.alpha(torch.tensor(i / T, dtype=torch.float64)).item()
+        a_s = 1.0 if i == 1 else schedule.alpha(torch.tensor((i - 1) / T, dtype=torch.float64)).item()
+        marginal = x @ absorbing_matrix(a_t, K, mask_id)
+        for zt in range(K):
+            if marginal[zt] > 0:
+                q = dense_reverse(x, zt, a_t, a_s, K, mask_id)
+                p = dense_reverse(table[i - 1, zt].softmax(-1), zt, a_t, a_s, K, mask_id)
+                total = total + marginal[zt] * dense_kl(q, p)
+    return total
+
+
+@pytest.mark.parametrize('schedule', [noise_schedule.LogLinear(1e-3), noise_schedule.Cosine(1e-3)])
+def test_d3pm_estimator_expectation_equals_the_dense_discrete_nelbo(schedule):
+    """SPEC-2 §12 check (2): E over i ~ U{1..T} and z_t ~ q of L_rec + T KL_i (d3pm_loss, with
+    noise_schedule.discrete_alphas) = the dense discrete-time NELBO, enumerated exactly, K = 5, L = 1."""
+    K, mask_id, T = 5, 1, 6
+    g = torch.Generator().manual_seed(3)
+    table = torch.randn(T, K, K, generator=g, dtype=torch.float64) * 1.5  # x̂_mask > 0 throughout
+    clean_logits = torch.randn(K, generator=g, dtype=torch.float64)
+    i = torch.arange(1, T + 1).repeat_interleave(2)  # rows: (i, z_t = m) and (i, z_t = mask)
+    alpha_t, alpha_s = noise_schedule.discrete_alphas(schedule, i, T)
+    for m in (0, 3):
+        xt = torch.tensor([m, mask_id]).repeat(T)[:, None]
+        logits = table[i - 1, xt[:, 0]][:, None]
+        kl = losses.d3pm_loss(logits, torch.full_like(xt, m), xt, alpha_t[:, None], alpha_s[:, None], T, mask_id)
+        q_zt = torch.where(xt[:, 0] == mask_id, 1 - alpha_t, alpha_t)
+        l_rec = losses.d3pm_reconstruction_loss(clean_logits[None, None], torch.tensor([[m]]))[0, 0]
+        estimate = l_rec + (q_zt * kl[:, 0]).sum() / T  # E_i = (1/T) sum_i
+        dense = dense_d3pm_nelbo(table, clean_logits, m, schedule, T, mask_id)
+        torch.testing.assert_close(estimate, dense, rtol=1e-12, atol=1e-12)
+        assert (kl[xt[:, 0] != mask_id] == 0).all()
+
+
+def test_d3pm_loss_is_zero_for_a_perfect_denoiser():
+    """SPEC-2 §12 check (1): x̂ = e_m gives KL_i = 0 at every i (i = 1 included) and L_rec = 0."""
+    K, mask_id, T = 6, 2, 50
+    g, x0, xt, _, _ = _absorbing_inputs(4, 7, K, mask_id, seed=1)
+    logits = torch.full((4, 7, K), float('-inf'), dtype=torch.float64).scatter(-1, x0[..., None], 3.0)
+    assert (losses.d3pm_reconstruction_loss(logits, x0) == 0).all()
+    for i in (1, 2, 25, T):
+        alpha_t, alpha_s = noise_schedule.discrete_alphas(noise_schedule.LogLinear(), torch.full((4, 1), i), T)
+        assert (losses.d3pm_loss(logits, x0, xt, alpha_t, alpha_s, T, mask_id) == 0).all()
+    # and positive for an imperfect one (x̂_mask > 0, both terms present)
+    alpha_t, alpha_s = noise_schedule.discrete_alphas(noise_schedule.LogLinear(), torch.full((4, 1), 9), T)
+    loss = losses.d3pm_loss(torch.randn(4, 7, K, generator=g), x0, xt, alpha_t, alpha_s, T, mask_id)
+    assert loss.dtype == torch.float32 and (loss[xt == mask_id] > 0).all()
+
+
+def test_d3pm_estimator_tends_to_the_mdlm_loss_as_T_grows():
+    """SPEC-2 §12 check (3): a fixed, time-independent SUBS denoiser (x̂_mask = 0, L_rec = 0) on L = 2
+    tokens whose prediction depends on whether the other token is masked: E_i E_z of T KL_i tends to
+    the §4 continuous MDLM value (mdlm_loss integrated over t, z enumerated) with error O(1/T)."""
+    K, mask_id, eps = 4, 3, 1e-3
+    x = torch.tensor([0, 2])
+    patterns = torch.tensor(list(itertools.product([False, True], repeat=2)))  # which tokens are masked
+    g = torch.Generator().manual_seed(4)
+    table = torch.randn(len(patterns), 2, K, generator=g, dtype=torch.float64)  # logits by pattern
+    table[..., mask_id] = float('-inf')
+    schedule = noise_schedule.LogLinear(eps)
+
+    def expectation(loss_fn, alpha_t, weight):
+        """sum over rows of weight * E_z sum_l loss_fn(...) / L, z enumerated per mask pattern."""
+        n = len(alpha_t)
+        total = torch.zeros((), dtype=torch.float64)
+        for pattern, logits in zip(patterns, table):
+            xt = torch.where(pattern, mask_id, x).expand(n, 2)
+            prob = torch.where(pattern, 1 - alpha_t[:, None], alpha_t[:, None]).prod(-1)
+            loss = loss_fn(logits.expand(n, 2, K), x.expand(n, 2), xt)
+            total = total + (weight * prob * loss.sum(-1)).sum() / 2
+        return total
+
+    # continuous: the integrand is a polynomial of degree 1 in t here; Gauss-Legendre is exact for it
+    nodes, w = np.polynomial.legendre.leggauss(8)
+    t = torch.tensor((nodes + 1) / 2)
+    mdlm = expectation(lambda lg, x0, xt: losses.mdlm_loss(lg, x0, xt, schedule.alpha(t)[:, None],
+                                                           schedule.dalpha(t)[:, None], mask_id),
+                       schedule.alpha(t), torch.tensor(w / 2))
+    errors = []
+    for T in (10, 100, 1000, 10_000):
+        i = torch.arange(1, T + 1)
+        alpha_t, alpha_s = noise_schedule.discrete_alphas(schedule, i, T)
+        d3pm = expectation(lambda lg, x0, xt: losses.d3pm_loss(lg, x0, xt, alpha_t[:, None], alpha_s[:, None],
+                                                               T, mask_id), alpha_t, torch.full((T,), 1 / T, dtype=torch.float64))
+        errors.append((d3pm - mdlm).item())
+    errors = np.array(errors)
+    assert mdlm > 1 and abs(errors[0]) > 1e-3
+    np.testing.assert_allclose(errors[:-1] / errors[1:], 10, rtol=1e-3)  # first order in 1/T
+    assert abs(errors[-1]) < 1e-4 * mdlm
+
+
+def test_d3pm_loss_on_the_masked_rows_only_equals_the_full_logits():
+    x0, _, xt_m, alpha, _, mask_id, hidden, weight = _loss_inputs()
+    masked = xt_m == mask_id
+    alpha_s = torch.where(torch.arange(len(alpha))[:, None] == 0, 1.0, alpha + 0.05)  # one final step
+    results = []
+    for compact in (False, True):
+        w = weight.clone().requires_grad_(True)
+        logits = (hidden[masked] if compact else hidden) @ w
+        loss = losses.d3pm_loss(logits, x0, xt_m, alpha, alpha_s, 100, mask_id, reuse_logits=compact)
+        loss.sum().backward()
+        results.append((loss.detach(), w.grad))
+    assert torch.equal(results[1][0] == 0, ~masked)
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match='masked positions'):
+        losses.d3pm_loss(hidden[masked][1:] @ weight, x0, xt_m, alpha, alpha_s, 100, mask_id)
+
+
+def test_d3pm_loss_is_finite_with_huge_logits_on_unmasked_rows():
+    """Rows without statistics must not overflow into NaN gradients (exp(l_mask - 0) = inf there)."""
+    K, mask_id = 5, 4
+    x0 = torch.tensor([[0, 1, 2]])
+    xt = torch.tensor([[0, mask_id, 2]])
+    logits = torch.zeros(1, 3, K).index_fill(1, torch.tensor([0, 2]), 200.0).requires_grad_(True)
+    loss = losses.d3pm_loss(logits, x0, xt, torch.tensor([[0.4]]), torch.tensor([[0.5]]), 10, mask_id)
+    grad, = torch.autograd.grad(loss.sum(), logits)
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all() and (grad[:, [0, 2]] == 0).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradients of the fused SEDD / D3PM losses against autograd through dense float64 references
+def dense_d3pm_kl(logits, x0, xt, alpha_t, alpha_s, T, mask_id):
+    """T KL(q || p_theta) at masked positions via dense_reverse on softmax(logits), (B, L) float64."""
+    B, L, K = logits.shape
+    out = torch.zeros(B, L, dtype=torch.float64)
+    for b, l in itertools.product(range(B), range(L)):
+        if xt[b, l] == mask_id:
+            a_t, a_s = alpha_t[b, 0].item(), alpha_s[b, 0].item()
+            q = dense_reverse(F.one_hot(x0[b, l], K).double(), mask_id, a_t, a_s, K, mask_id)
+            p = dense_reverse(logits[b, l].softmax(-1), mask_id, a_t, a_s, K, mask_id)
+            out = out.index_put((torch.tensor(b), torch.tensor(l)), T * dense_kl(q, p))
+    return out
+
+
+@pytest.mark.parametrize('chunk_rows', [2, 1024])
+def test_sedd_and_d3pm_gradients_match_dense_autograd(monkeypatch, chunk_rows):
+    monkeypatch.setattr(losses, 'CHUNK_ROWS', chunk_rows)
+    B, L, K, mask_id, T = 3, 4, 5, 2, 7
+    g, x0, xt, alpha, dalpha = _absorbing_inputs(B, L, K, mask_id, seed=6)
+    alpha_s = torch.tensor([[1.0], [0.9], [0.995]], dtype=torch.float64)  # i = 1 (b term absent) and two others
+    alpha_t = alpha_s - torch.tensor([[0.15], [0.4], [0.2]], dtype=torch.float64)
+    logits = (torch.randn(B, L, K, generator=g, dtype=torch.float64) * 2).requires_grad_(True)
+    cases = [
+        (lambda lg: losses.sedd_loss(lg, x0, xt, alpha, dalpha, mask_id),
+         lambda lg: upstream_score_entropy(lg, x0, xt, alpha, dalpha, mask_id)),
+        (lambda lg: losses.d3pm_loss(lg, x0, xt, alpha_t, alpha_s, T, mask_id),
+         lambda lg: dense_d3pm_kl(lg, x0, xt, alpha_t, alpha_s, T, mask_id)),
+        (lambda lg: losses.d3pm_reconstruction_loss(lg, x0),
+         lambda lg: -lg.log_softmax(-1).gather(-1, x0[..., None])[..., 0]),
+    ]
+    weights = torch.rand(B, L, generator=g, dtype=torch.float64)
+    for fused, dense in cases:
+        got = fused(logits)
+        grad, = torch.autograd.grad((weights * got).sum(), logits)
+        ref = dense(logits)
+        ref_grad, = torch.autograd.grad((weights * ref).sum(), logits)
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12)
+        assert torch.autograd.gradcheck(fused, (logits,))

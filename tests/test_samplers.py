@@ -468,3 +468,125 @@ def test_diffusion_generate(algo):
         assert (a[:, 0] == 18).all() and (a[:, 1:] != 19).all()
     if algo == 'mdlm':
         assert (a != 19).all()
+
+
+# ------------------------------------------------------------------------- SEDD analytic step (SPEC-2 §11)
+
+def absorbing_posterior(xhat, alpha_t, alpha_s, mask_id):
+    """§6 absorbing posterior of a masked token for a distribution xhat over j != mask, (K,) float64."""
+    out = (alpha_s - alpha_t) / (1 - alpha_t) * xhat
+    out[mask_id] = (1 - alpha_s) / (1 - alpha_t)
+    return out
+
+
+def step_counts(step, logits_row, z_row, n, alpha_t, alpha_s, seed=0, **kw):
+    """Run step on n copies of one sequence z_row (L,) with logits_row (L, K); per-position counts (L, K)."""
+    L, K_ = logits_row.shape
+    z = z_row.expand(n, L).clone()
+    out = step(z, logits_row.expand(n, L, K_).clone(), alpha_t, alpha_s, MASK_S,
+               generator=torch.Generator().manual_seed(seed), **kw)
+    return torch.stack([torch.bincount(out[:, l], minlength=K_) for l in range(L)]).double()
+
+
+K_S, MASK_S = 6, 2  # the [MASK] inside the vocabulary, not the last id
+
+
+def sedd_logits(u):
+    """Score-network logits with exp(l_j) / (K - 1) = u_j (j != mask) and a huge, unused mask logit."""
+    logits = torch.log((K_S - 1) * u)
+    logits[MASK_S] = 40.0
+    return logits
+
+
+@pytest.mark.parametrize('alpha_t,alpha_s', [(0.1, 0.3), (0.5, 0.9)])
+def test_sedd_step_with_normalised_scores_is_the_absorbing_posterior(alpha_t, alpha_s):
+    """SPEC-2 §11 check (4), S = 1: chi-square against the §6 absorbing posterior; position 1 is
+    unmasked and never changes."""
+    xhat = torch.tensor([0.1, 0.35, 0.0, 0.05, 0.3, 0.2], dtype=torch.float64)
+    logits = torch.stack([sedd_logits(xhat), torch.randn(K_S, dtype=torch.float64)])
+    counts = step_counts(samplers.sedd_step, logits, torch.tensor([MASK_S, 4]), 40_000, alpha_t, alpha_s)
+    assert chi_square_pvalue(counts[0], absorbing_posterior(xhat, alpha_t, alpha_s, MASK_S)) > 1e-3
+    assert counts[1, 4] == counts[1].sum()
+
+
+@pytest.mark.parametrize('scale', [0.3, 4.0])
+def test_sedd_step_unmasks_at_rate_min_1_cS(scale):
+    """SPEC-2 §11 check (4), S != 1: unmask rate min(1, c S), the token drawn ∝ u."""
+    alpha_t, alpha_s, n = 0.2, 0.5, 40_000
+    c = (alpha_s - alpha_t) / (1 - alpha_t)
+    xhat = torch.tensor([0.3, 0.1, 0.0, 0.25, 0.15, 0.2], dtype=torch.float64)
+    counts = step_counts(samplers.sedd_step, sedd_logits(scale * xhat)[None], torch.tensor([MASK_S]), n,
+                         alpha_t, alpha_s)[0]
+    rate = min(1.0, c * scale)
+    unmasked = n - counts[MASK_S].item()
+    if rate < 1:
+        assert abs(unmasked / n - rate) < 4 * math.sqrt(rate * (1 - rate) / n)
+    else:
+        assert unmasked == n
+    assert chi_square_pvalue(torch.cat([counts[:MASK_S], counts[MASK_S + 1:]]),
+                             torch.cat([xhat[:MASK_S], xhat[MASK_S + 1:]])) > 1e-3
+
+
+def test_sedd_final_denoising_draws_every_mask_and_keeps_unmasked_tokens():
+    """SPEC-2 §11 check (5): alpha_s = 1 (c = 1, p_mask := 0) never emits the mask even where S is
+    tiny; unmasked tokens never change, at any step."""
+    g = torch.Generator().manual_seed(0)
+    B, L = 64, 10
+    real = torch.randint(0, K_S - 1, (B, L), generator=g)
+    z = torch.where(torch.rand(B, L, generator=g) < 0.5, MASK_S, real + (real >= MASK_S).long())
+    logits = torch.randn(B, L, K_S, generator=g) - 12.0  # S ~ e^-12: the plain step would almost never unmask
+    logits[..., MASK_S] = 30.0
+    out = samplers.sedd_step(z, logits.clone(), 0.3, 1.0, MASK_S, generator=g)
+    assert (out != MASK_S).all()
+    kept = z != MASK_S
+    assert torch.equal(out[kept], z[kept])
+    mid = samplers.sedd_step(z, logits.clone(), 0.3, 0.6, MASK_S, generator=g)
+    assert torch.equal(mid[kept], z[kept]) and (mid[~kept] == MASK_S).float().mean() > 0.99
+
+
+def test_sedd_step_nucleus_truncates_the_draw_not_the_unmask_rate():
+    alpha_t, alpha_s, n = 0.2, 0.5, 40_000
+    xhat = torch.tensor([0.45, 0.3, 0.0, 0.1, 0.1, 0.05], dtype=torch.float64)
+    counts = step_counts(samplers.sedd_step, sedd_logits(0.5 * xhat)[None], torch.tensor([MASK_S]), n,
+                         alpha_t, alpha_s, p_nucleus=0.7)[0]
+    rate = (alpha_s - alpha_t) / (1 - alpha_t) * 0.5
+    assert abs((n - counts[MASK_S].item()) / n - rate) < 4 * math.sqrt(rate * (1 - rate) / n)
+    assert counts[[3, 4, 5]].sum() == 0 and counts[[0, 1]].min() > 0  # nucleus {0, 1}: 0.45 + 0.3 >= 0.7
+
+
+# ------------------------------------------------------------------------- D3PM step (SPEC-2 §12)
+
+def absorbing_matrix(alpha, K_, mask_id):
+    """Q[from, to] of the absorbing forward process at signal level alpha, (K, K) float64."""
+    Q = alpha * torch.eye(K_, dtype=torch.float64)
+    Q[:, mask_id] += 1 - alpha
+    return Q
+
+
+def d3pm_p_theta(xhat, alpha_t, alpha_s, mask_id):
+    """p_theta(z_s | z_t = mask) ∝ q(z_t = mask | z_s) sum_y q(z_s | y) xhat_y, (K,) float64."""
+    K_ = xhat.shape[0]
+    joint = absorbing_matrix(alpha_t / alpha_s, K_, mask_id)[:, mask_id] * (xhat @ absorbing_matrix(alpha_s, K_, mask_id))
+    return joint / joint.sum()
+
+
+@pytest.mark.parametrize('alpha_t,alpha_s', [(0.1, 0.3), (0.05, 0.95), (0.6, 0.61)])
+def test_d3pm_step_matches_p_theta(alpha_t, alpha_s):
+    """SPEC-2 §12 check (5): one step's distribution = p_theta with x̂_mask > 0 (chi-square), for
+    adjacent and distant s < t; position 1 is unmasked and never changes."""
+    xhat = torch.tensor([0.1, 0.25, 0.3, 0.05, 0.2, 0.1], dtype=torch.float64)  # x̂_mask = 0.3
+    logits = torch.stack([xhat.log() + 1.7, torch.randn(K_S, dtype=torch.float64)]).float()
+    counts = step_counts(samplers.d3pm_step, logits, torch.tensor([MASK_S, 0]), 40_000, alpha_t, alpha_s)
+    assert chi_square_pvalue(counts[0], d3pm_p_theta(xhat, alpha_t, alpha_s, MASK_S)) > 1e-3
+    assert counts[1, 0] == counts[1].sum()
+
+
+def test_d3pm_last_step_draws_xhat_without_the_mask_and_keeps_unmasked_tokens():
+    """alpha_s = 1: every mask is drawn from x̂ restricted to j != mask, renormalised."""
+    xhat = torch.tensor([0.1, 0.25, 0.3, 0.05, 0.2, 0.1], dtype=torch.float64)
+    logits = torch.stack([xhat.log(), torch.randn(K_S, dtype=torch.float64) + 5]).float()
+    counts = step_counts(samplers.d3pm_step, logits, torch.tensor([MASK_S, 3]), 40_000, 0.2, 1.0)
+    restricted = xhat.clone()
+    restricted[MASK_S] = 0
+    assert chi_square_pvalue(counts[0], restricted / restricted.sum()) > 1e-3
+    assert counts[1, 3] == counts[1].sum()

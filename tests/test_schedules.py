@@ -94,3 +94,42 @@ def test_stratified_times_draws_differ_by_generator():
     b = ns.stratified_times(16, 1e-3, generator=torch.Generator().manual_seed(1))
     assert not torch.equal(a, b)
     assert torch.equal(a, ns.stratified_times(16, 1e-3, generator=torch.Generator().manual_seed(0)))
+
+
+# ---------------------------------------------------------------------------------------------
+# discrete times (SPEC-2 §12)
+@pytest.mark.parametrize('batch_size,world_size,T', [(3, 2, 7), (4, 1, 1000), (5, 4, 10)])
+def test_discrete_times_are_uniform_on_1_to_T(batch_size, world_size, T):
+    """i ~ U{1..T}, i = 1 included (chi-square), int64, per-rank slices of one stratified batch."""
+    g = torch.Generator().manual_seed(T)
+    draws = torch.cat([ns.discrete_times(batch_size, T, rank, world_size, generator=g)
+                       for _ in range(max(1, 30 * T // (batch_size * world_size))) for rank in range(world_size)])
+    assert draws.dtype == torch.int64 and draws.min() >= 1 and draws.max() <= T
+    counts = torch.bincount(draws - 1, minlength=T).numpy()
+    assert counts[0] > 0
+    assert stats.chisquare(counts).pvalue > 1e-3
+
+
+def test_discrete_times_one_per_step_when_the_global_batch_is_T():
+    """With n = T global draws, stratum k maps to i = k + 1 exactly: every step once, rank r the r-th slice."""
+    T, batch_size, world_size = 12, 3, 4
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        per_rank = [ns.discrete_times(batch_size, T, rank, world_size, generator=g) for rank in range(world_size)]
+        assert torch.equal(torch.cat(per_rank), torch.arange(1, T + 1))
+    with pytest.raises(ValueError, match='algo.T=0'):
+        ns.discrete_times(4, 0)
+
+
+@pytest.mark.parametrize('schedule', [ns.LogLinear(1e-3), ns.Cosine(1e-3)])
+def test_discrete_alphas(schedule):
+    T = 8
+    i = torch.tensor([[1, 2], [5, 8]])
+    alpha_t, alpha_s = ns.discrete_alphas(schedule, i, T)
+    assert alpha_t.dtype == alpha_s.dtype == torch.float64 and alpha_t.shape == i.shape
+    for (a_t, a_s), step in zip(zip(alpha_t.flatten().tolist(), alpha_s.flatten().tolist()), i.flatten().tolist()):
+        assert a_t == pytest.approx(schedule.alpha(torch.tensor(step / T, dtype=torch.float64)).item(), abs=1e-15)
+        previous = schedule.alpha(torch.tensor((step - 1) / T, dtype=torch.float64)).item()
+        assert a_s == (1.0 if step == 1 else pytest.approx(previous, abs=1e-15))
+    assert alpha_t[1, 1].item() == pytest.approx(1 - (1 - 1e-3) if isinstance(schedule, ns.LogLinear)
+                                                 else 1 - math.cos(math.pi / 2 * 1e-3), abs=1e-15)
