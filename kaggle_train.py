@@ -471,25 +471,18 @@ def probe(plan: Plan, args) -> dict:
 def probe_worker(spec_json: str):
     """Child process of probe(): try the batch, then smaller divisors on out-of-memory."""
     import torch
-    spec = json.loads(spec_json)
-    config = compose_config(['mode=train'] + spec['overrides'])
+
     import main as duo_main
-    main_config = duo_main.resolve_config(config)
+    import settings
+    from diffusion import StepRunner
+    spec = json.loads(spec_json)
+    config = settings.resolve(compose_config(['mode=train'] + spec['overrides']))
     import dataloader
-    tokenizer = dataloader.get_tokenizer(main_config)
-    module = duo_main.build_model(main_config, tokenizer).cuda()
-    dtype = {'bf16-mixed': torch.bfloat16, '16-mixed': torch.float16}.get(main_config.trainer.precision)
-    params = list(module.backbone.parameters())
-    optimizer = torch.optim.AdamW(params, lr=1e-6, foreach=True)
-    scaler = torch.amp.GradScaler('cuda', enabled=dtype == torch.float16)
-    if module.ema is not None:
-        module.ema.to('cuda')
-    if main_config.algo.name == 'distillation':
-        module.refresh_teacher()
-        module.teacher.cuda()
-    n_params = sum(p.numel() for p in params)
+    module = duo_main.build_model(config, dataloader.get_tokenizer(config)).cuda()
+    runner = StepRunner(module)
+    n_params = sum(p.numel() for p in module.backbone.parameters())
     ddp_buckets = torch.empty(n_params if spec['world'] > 1 else 0, device='cuda')  # DDP's gradient copy
-    K, L = module.vocab_size, int(main_config.model.length)
+    K, L = module.vocab_size, int(config.model.length)
     total = torch.cuda.get_device_properties(0).total_memory
     batch = spec['batch']
     while batch is not None:
@@ -497,17 +490,8 @@ def probe_worker(spec_json: str):
         try:
             x = torch.randint(0, K - 1, (batch, L), device='cuda')
             data = {'input_ids': x, 'attention_mask': torch.ones_like(x)}
-            for _ in range(2):  # the second micro-batch runs with the first one's gradients alive
-                with torch.autocast('cuda', dtype=dtype or torch.float32, enabled=dtype is not None):
-                    per_token, weight = module._loss(data, 0)
-                    loss = (per_token * weight).sum() / weight.sum()
-                scaler.scale(loss).backward()
-                per_token = weight = loss = None
-            scaler.step(optimizer)
-            scaler.update()
-            if module.ema is not None:
-                module.ema.update(params)
-            torch.cuda.synchronize()
+            # two micro-batches: the second runs with the first one's gradients alive
+            runner.step([data, data], sync=torch.cuda.synchronize)
             fitted = True
         except torch.cuda.OutOfMemoryError:
             fitted = False
@@ -518,8 +502,8 @@ def probe_worker(spec_json: str):
                                          f'GiB reserved of {total / hardware.GIB:.2f} GiB'}))
             return
         # Outside the except block: the traceback, and the activations its frames held, are gone.
-        per_token = weight = loss = x = data = None
-        optimizer.zero_grad(set_to_none=True)
+        x = data = None
+        runner.optimizer.zero_grad(set_to_none=True)
         torch.cuda.empty_cache()
         print(f'batch {batch}: out of memory', file=sys.stderr)
         batch = hardware.smaller_batch(batch, spec['per_device'])

@@ -1,8 +1,6 @@
-"""Metrics (SPEC §7): the likelihood bound over a validation set, sample entropy and generative
-perplexity.
+"""Metrics of samples (SPEC §7): sample entropy and generative perplexity under a judge model.
 
-val/nll is the mean per-token loss over every counted position of every sequence (nats),
-val/ppl = exp(nll), val/bpd = nll / ln 2.
+(The likelihood bound, val/nll, is aggregated during validation: diffusion.NLLMetric.)
 """
 import contextlib
 import json
@@ -11,30 +9,8 @@ import re
 from pathlib import Path
 
 import torch
-import torchmetrics
 
-
-class NLLMetric(torchmetrics.Metric):
-    """Token-weighted mean of per-token losses, summed across batches and DDP ranks in float64."""
-
-    full_state_update = False
-
-    def __init__(self):
-        super().__init__()
-        self.add_state('total', torch.zeros((), dtype=torch.float64), dist_reduce_fx='sum')
-        self.add_state('count', torch.zeros((), dtype=torch.float64), dist_reduce_fx='sum')
-
-    def update(self, weighted_losses: torch.Tensor, weights: torch.Tensor):
-        """weighted_losses, weights (B, L): per-token loss times its weight (0 at excluded positions)."""
-        self.total += weighted_losses.double().sum()
-        self.count += weights.double().sum()
-
-    def compute(self) -> tuple[float, float, float, int]:
-        """(nll, ppl, bpd, tokens) over everything seen since the last reset."""
-        count = self.count.item()
-        nll = self.total.item() / count if count else float('nan')
-        ppl = math.exp(nll) if nll < 700 else float('inf')
-        return nll, ppl, nll / math.log(2), int(round(count))
+import checkpoints
 
 
 def sample_entropy(samples: torch.Tensor) -> float:
@@ -93,43 +69,22 @@ class GenerativePerplexity:
         self._encode = lambda text: self.tokenizer(text, verbose=False)['input_ids']
 
     def _load_ours(self, path: str, tokenizer):
-        import checkpoints
         from dataloader import model_vocab
-        from models.dit import DiT
         setting = f"eval.gen_ppl_eval_model_name_or_path={path}"
         if tokenizer is None:
             raise ValueError(f"{setting} is a checkpoint of this project: scoring with it needs the run's tokenizer "
                              f"(GenerativePerplexity(..., tokenizer=...))")
-        state_dict, ema_state, meta = checkpoints.load_weights(path)
-        if 'sigma_map.mlp.0.weight' in state_dict:
+        source = checkpoints.read_source(path, 'eval.gen_ppl_eval_model_name_or_path')
+        if not source.causal:
             raise ValueError(f"{setting} is a diffusion model: the judge must be an AR model "
                              f"(a checkpoint of algo=ar, or a Hugging Face causal LM)")
-        if 'hf_config' in meta:
-            length = meta['hf_config']['model_length']
-        elif 'model_config' in meta:
-            length = int(meta['model_config']['length'])
-        else:
-            raise ValueError(f"{setting} does not record its model length (an older checkpoint): export it with "
-                             f"models.hf_format.save_hf and pass that directory")
-        embedding = state_dict['vocab_embed.embedding']
-        vocab_size, hidden = embedding.shape
         expected_vocab, self.excluded_id = model_vocab(tokenizer)
-        if vocab_size != expected_vocab:
-            raise ValueError(f"{setting} predicts {vocab_size} ids but the run's tokenizer gives {expected_vocab}: "
-                             f"use an AR model trained with the same data.tokenizer_name_or_path")
-        head_dim = 2 * state_dict['rotary_emb.inv_freq'].numel()
-        n_blocks = len({k.split('.')[1] for k in state_dict if k.startswith('blocks.')})
-        model = DiT(vocab_size, hidden, cond_dim=1, n_blocks=n_blocks, n_heads=hidden // head_dim,
-                    max_length=length, causal=True)
-        checkpoints.check_compatible(state_dict, model, setting)
-        model.load_state_dict(state_dict)
-        if ema_state is not None:
-            from ema import EMA
-            ema = EMA(model.parameters(), 0)
-            ema.load_state_dict(ema_state)
-            ema.copy_to(model.parameters())
+        if source.vocab_size != expected_vocab:
+            raise ValueError(f"{setting} predicts {source.vocab_size} ids but the run's tokenizer gives "
+                             f"{expected_vocab}: use an AR model trained with the same data.tokenizer_name_or_path")
+        model, _ = checkpoints.load_backbone(path, 'eval.gen_ppl_eval_model_name_or_path', source)
         self.model = model.to(self.device).eval()
-        self.tokenizer, self.context = tokenizer, length
+        self.tokenizer, self.context = tokenizer, model.max_length
         specials = special_token_ids(tokenizer)
         pattern = re.compile('(' + '|'.join(map(re.escape, sorted(specials, key=len, reverse=True))) + ')') \
             if specials else None

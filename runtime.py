@@ -12,6 +12,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -134,6 +135,17 @@ def default_num_workers(trainer_config) -> int:
     return max(0, min(4, cpus() // per_node - 1))
 
 
+# Logits (sequences x length x K elements) of one forward pass outside training: validation and
+# sampling split their batches into blocks of at most this many, so a large evaluation batch never
+# runs out of memory (1 GiB of float32 on a GPU, 256 MiB on the CPU).
+LOGIT_ELEMENTS = {'cpu': 1 << 26, 'cuda': 1 << 28}
+
+
+def sequences_per_block(device_type: str, length: int, vocab_size: int) -> int:
+    """Sequences of `length` whose logits fit one block (at least one)."""
+    return max(1, LOGIT_ELEMENTS.get(device_type, LOGIT_ELEMENTS['cuda']) // (length * vocab_size))
+
+
 # ---- attention, compile, TF32 --------------------------------------------------------------
 ATTN_BACKENDS = ('auto', 'flash', 'sdpa')
 
@@ -230,8 +242,7 @@ def hub_reachable(timeout: float = 5.0) -> bool:
 
 def go_offline_if_unreachable() -> bool:
     """When the hub cannot be reached, set the offline variables for this process (and its
-    children) so that every later hub call fails at once; True when offline. Call it before the
-    Hugging Face libraries are imported: they read the variables at import."""
+    children) so that every later hub call fails at once; True when offline."""
     if hub_offline():
         return True
     if hub_reachable():
@@ -239,4 +250,11 @@ def go_offline_if_unreachable() -> bool:
     log.warning('The Hugging Face hub is unreachable: running offline (local files and caches only)')
     for variable in HUB_OFFLINE_VARIABLES:
         os.environ[variable] = '1'
+    # The libraries read the variables when imported (Lightning imports huggingface_hub): tell the
+    # ones already loaded too. transformers asks huggingface_hub at every call.
+    for module, names in (('huggingface_hub.constants', ('HF_HUB_OFFLINE',)),
+                          ('datasets.config', ('HF_HUB_OFFLINE', 'HF_DATASETS_OFFLINE'))):
+        if module in sys.modules:
+            for name in names:
+                setattr(sys.modules[module], name, True)
     return True

@@ -21,7 +21,8 @@ of bounded size.
 import math
 
 import torch
-from tqdm.auto import tqdm
+
+from progress import steps as progress_steps
 
 KINDS = ('uniform', 'absorbing')
 NOISE_REMOVAL = ('ancestral', 'greedy', 'none')
@@ -305,7 +306,7 @@ def sample_diffusion(logits_fn, batch_size: int, length: int, vocab_size: int, a
     shape = (batch_size, length)
     if kind == 'uniform':
         z = torch.randint(vocab_size, shape, generator=generator, device=device)
-        for i in tqdm(range(steps), disable=not progress, desc='sampling'):
+        for i in progress_steps(range(steps), 'sampling', unit='steps', enabled=progress):
             z = uniform_step(z, _call(logits_fn, z, grid[i]), alphas[i], alphas[i + 1], **draw)
         if noise_removal == 'ancestral':
             z = uniform_step(z, _call(logits_fn, z, grid[-1]), alphas[-1], 1.0, **draw)
@@ -315,7 +316,7 @@ def sample_diffusion(logits_fn, batch_size: int, length: int, vocab_size: int, a
     if mask_id is None or not 0 <= mask_id < vocab_size:
         raise ValueError(f"absorbing sampling needs mask_id in [0, {vocab_size}), got {mask_id}")
     z = torch.full(shape, mask_id, dtype=torch.long, device=device)
-    for i in tqdm(range(steps), disable=not progress, desc='sampling'):
+    for i in progress_steps(range(steps), 'sampling', unit='steps', enabled=progress):
         a_t, a_s = alphas[i], alphas[i + 1]
         u = torch.rand(shape, dtype=torch.float64, generator=generator, device=device)
         unmask = (z == mask_id) & (u < (a_s - a_t) / (1 - a_t))
@@ -368,7 +369,7 @@ def sample_ar(step, batch_size: int, length: int, *, bos_id: int, p_nucleus: flo
     if length < 1:
         raise ValueError(f"model.length={length} must be >= 1 (e.g. model.length=1024)")
     tokens = torch.full((batch_size, length), bos_id, dtype=torch.long, device=device)
-    for i in tqdm(range(length - 1), disable=not progress, desc='sampling'):
+    for i in progress_steps(range(length - 1), 'sampling', unit='tokens', enabled=progress):
         logits = step(tokens[:, i:i + 1]).float()
         top_k_filter_(logits, top_k)
         nucleus_filter_(logits, p_nucleus)

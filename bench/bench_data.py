@@ -32,9 +32,9 @@ import sys, time, json
 start = time.time()
 sys.path.insert(0, {root!r})
 from hydra import compose, initialize_config_dir
-import dataloader, main
+import dataloader, main, settings
 with initialize_config_dir(config_dir={configs!r}, version_base=None):
-    config = main.resolve_config(compose(config_name='config', overrides={overrides!r}))
+    config = settings.resolve(compose(config_name='config', overrides={overrides!r}))
 imported = time.time()
 tokenizer = dataloader.get_tokenizer(config)
 tokenized = time.time()
@@ -56,9 +56,9 @@ def overrides_for(args, length: int, num_proc: int, cache_dir: Path) -> list[str
 def compose(overrides):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
-    import main
+    import settings
     with initialize_config_dir(config_dir=str(ROOT / 'configs'), version_base=None):
-        return main.resolve_config(hydra_compose(config_name='config', overrides=overrides))
+        return settings.resolve(hydra_compose(config_name='config', overrides=overrides))
 
 
 def run(args, length: int, num_proc: int, tokenizer) -> dict:
@@ -105,7 +105,8 @@ def main():
     if not Path(args.data_files).exists():
         parser.error(f'--data-files {args.data_files} does not exist')
     import dataloader
-    cpus = dataloader._cpus()
+    import runtime
+    cpus = runtime.cpus()
     num_procs = args.num_proc or sorted({1, cpus})
     args.tokenizer_cache = tempfile.mkdtemp(prefix='bench-tok-', dir=args.tmp)
     tokenizer = dataloader.get_tokenizer(compose(['data.cache_dir=' + args.tokenizer_cache]))

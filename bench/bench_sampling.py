@@ -82,7 +82,7 @@ def ours(algo, model, args, steps, timer, generator):
             return logits
         return samplers.sample_ar(step, args.batch, args.length, bos_id=args.vocab - 2, generator=generator,
                                   device=args.device)
-    # as diffusion._Diffusion.sample: on the CPU one logits buffer serves every step
+    # as algorithms._Diffusion.sample does: on the CPU one logits buffer serves every step
     buffer = torch.empty(args.batch, args.length, args.vocab) if args.device.type == 'cpu' else None
     out = lambda z: None if buffer is None else buffer[:len(z)]
     if algo == 'mdlm':

@@ -1,9 +1,9 @@
 """Training throughput and peak memory per algorithm: ours against an in-run upstream-style reference.
 
-A step is what the Lightning module does per batch: forward + loss (Diffusion.training_step),
-EMA update (on_before_zero_grad), zero_grad, backward, gradient clipping (optim.grad_clip),
-AdamW + LR-scheduler step. `ours` drives diffusion.Diffusion exactly that way. `reference`
-runs the same DiT with upstream-style code written from SPEC §4-§5: the losses materialise
+A step is one optimizer step as training runs it (diffusion.StepRunner, the step API Lightning's
+hooks call too): forward + loss, backward, gradient clipping (optim.grad_clip), the non-finite
+check, AdamW + LR-scheduler step, EMA update. `ours` is diffusion.Diffusion. `reference` runs
+the same DiT through the same loop with upstream-style code written from SPEC §4-§5: the losses materialise
 log-softmax / softmax / one-hot (B, L, K) tensors, the curriculum builds w from an int64
 one-hot and takes a full softmax, AdamW uses torch's device default and the EMA loops over
 tensors. Each (algorithm, implementation) runs in a fresh subprocess, repeats are interleaved
@@ -116,6 +116,13 @@ class Reference:
         self.K = module.vocab_size
         self.device = module.device
 
+    def train_step(self, batch, step):
+        """The module's step API with this loss: the same seeding and per-batch hook, then the mean."""
+        self.module.begin_batch(step)
+        per_token, weight = self.loss(batch, step, first=self.module.micro_step == 1)
+        weight = weight.to(per_token.dtype)
+        return (per_token * weight).sum() / weight.sum()
+
     def loss(self, batch, step, first):
         torch, algo, module = self.torch, self.algo, self.module
         x0, mask = batch['input_ids'], batch['attention_mask']
@@ -188,13 +195,15 @@ class Reference:
         alpha_t, alpha_s = g.alpha(t)[:, None], g.alpha(s)[:, None]
         log_p = module.backbone(zs[0], algo.sigma(alpha_t), attention_mask=mask).log_softmax(-1)
         with torch.no_grad():
-            log_q = module.teacher(zs[1], algo.sigma(alpha_s), attention_mask=mask).log_softmax(-1)
+            log_q = algo.teacher(zs[1], algo.sigma(alpha_s), attention_mask=mask).log_softmax(-1)
         if algo.loss_type == 'kl-bwd':
             return (log_p.exp() * (log_p - log_q)).sum(-1), mask
         return (log_q.exp() * (log_q - log_p)).sum(-1), mask
 
     def ema_update(self):
         ema = self.module.ema
+        if ema is None:
+            return
         ema.num_updates += 1
         d = min(ema.decay, (1 + ema.num_updates) / (10 + ema.num_updates))
         with self.torch.no_grad():
@@ -216,20 +225,15 @@ def worker(spec):
     K = spec['vocab']
     module = diffusion.Diffusion(config, K, K - 1, K - 2).to(device)
     module.train()
-    if module.ema is not None:
-        module.ema.to(device)
-    reference = Reference(module) if spec['impl'] == 'reference' else None
-    o = config.optim
-    if reference is None:
-        setup = module.configure_optimizers()
-        optimizer, scheduler = setup['optimizer'], setup['lr_scheduler']['scheduler']
-    else:  # upstream: torch's defaults (for-loop on CPU, foreach on CUDA), same hyper-parameters
+    if spec['impl'] == 'ours':
+        runner = diffusion.StepRunner(module, precision=spec['precision'])
+    else:  # upstream: torch's default AdamW (for-loop on CPU, foreach on CUDA), same hyper-parameters
+        o = config.optim
+        reference = Reference(module)
         optimizer = torch.optim.AdamW(module.backbone.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                                       weight_decay=o.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, diffusion.lr_lambda(config))
-    amp_dtype = {'bf16-mixed': torch.bfloat16, '16-mixed': torch.float16}.get(spec['precision'])
-    scaler = torch.amp.GradScaler(device.type) if spec['precision'] == '16-mixed' else None
-    params = list(module.backbone.parameters())
+        runner = diffusion.StepRunner(module, precision=spec['precision'], optimizer=optimizer,
+                                      loss_fn=reference.train_step, ema_update=reference.ema_update)
     gen = torch.Generator().manual_seed(0)
     B, L = spec['batch'], spec['length']
     x0 = torch.randint(0, K - 2, (B, L), generator=gen).to(device)
@@ -239,48 +243,16 @@ def worker(spec):
         if device.type == 'cuda':
             torch.cuda.synchronize()
 
-    def step(i):
-        times = {}
+    def step():
         sync()
         start, cpu_start = time.perf_counter(), time.process_time()
-        module.on_train_batch_start(batch, i)  # seeding; distillation: the teacher
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            if reference is None:
-                loss = module.training_step(batch, i)
-            else:
-                per_token, weight = reference.loss(batch, module.global_step, first=i == 0)
-                weight = weight.to(per_token.dtype)
-                loss = (per_token * weight).sum() / weight.sum()
-        sync()
-        times['forward_s'] = time.perf_counter() - start
-        mark = time.perf_counter()
-        if module.ema is not None:  # Lightning: on_before_zero_grad, zero_grad, backward, clip, step
-            module.on_before_zero_grad(optimizer) if reference is None else reference.ema_update()
-        optimizer.zero_grad(set_to_none=True)
-        (scaler.scale(loss) if scaler else loss).backward()
-        sync()
-        times['backward_s'] = time.perf_counter() - mark
-        mark = time.perf_counter()
-        if scaler:
-            scaler.unscale_(optimizer)
-        if o.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        scheduler.step()
-        sync()
-        times['optimizer_s'] = time.perf_counter() - mark
-        times['step_s'] = time.perf_counter() - start
-        times['cpu_s'] = time.process_time() - cpu_start
-        times['loss'] = float(loss)
+        times = runner.step(batch, sync)
+        times.update(step_s=time.perf_counter() - start, cpu_s=time.process_time() - cpu_start)
         return times
 
     probe = MemoryProbe(device)
     probe.start()
-    steps = [step(i) for i in range(spec['warmup'] + spec['steps'])]
+    steps = [step() for _ in range(spec['warmup'] + spec['steps'])]
     timed = steps[spec['warmup']:]
     result = {key: statistics.median(s[key] for s in timed)
               for key in ('step_s', 'cpu_s', 'forward_s', 'backward_s', 'optimizer_s')}
@@ -301,7 +273,7 @@ def _trial(batch_size, batch, step, device):
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     try:
-        step(0)
+        step()
         return torch.cuda.max_memory_allocated()
     except torch.OutOfMemoryError:
         return None

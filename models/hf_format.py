@@ -21,7 +21,7 @@ REQUIRED_KEYS = ('vocab_size', 'model_length', 'hidden_dim', 'cond_dim', 'n_bloc
 WEIGHT_FILES = ('model.safetensors', 'model.safetensors.index.json', 'pytorch_model.bin')
 
 
-def resolve(path_or_hub_id: str) -> Path:
+def resolve(path_or_hub_id: str, setting: str = 'eval.checkpoint_path') -> Path:
     """A local directory as is; a hub id ('owner/name') downloaded to the Hugging Face cache."""
     path = Path(path_or_hub_id)
     if path.is_dir():
@@ -31,9 +31,9 @@ def resolve(path_or_hub_id: str) -> Path:
         return Path(snapshot_download(str(path_or_hub_id), allow_patterns=['*.json', '*.safetensors', '*.bin']))
     except Exception as e:  # offline, unknown repository, gated, network errors: all end here
         raise CheckpointError(
-            f"eval.checkpoint_path={path_or_hub_id} is not a local directory and the Hugging Face hub cannot "
+            f"{setting}={path_or_hub_id} is not a local directory and the Hugging Face hub cannot "
             f"provide it ({type(e).__name__}); offline, download it elsewhere (huggingface-cli download "
-            f"{path_or_hub_id} --local-dir DIR), copy DIR here and pass eval.checkpoint_path=DIR") from None
+            f"{path_or_hub_id} --local-dir DIR), copy DIR here and pass {setting}=DIR") from None
 
 
 def read_config(directory: Path) -> dict:
@@ -68,10 +68,10 @@ def read_weights(directory: Path) -> dict:
                               f"incomplete or corrupted: download it again") from None
 
 
-def load_hf(path_or_hub_id: str) -> tuple[dict, dict]:
+def load_hf(path_or_hub_id: str, setting: str = 'eval.checkpoint_path') -> tuple[dict, dict]:
     """(config.json as a dict, backbone state_dict without the 'backbone.' prefix), shapes checked
     against the config."""
-    directory = resolve(path_or_hub_id)
+    directory = resolve(path_or_hub_id, setting)
     config = read_config(directory)
     full = read_weights(directory)
     state_dict = {k[len(PREFIX):]: v for k, v in full.items() if k.startswith(PREFIX)}

@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.chdir(ROOT)
 
-import main  # noqa: E402  (after the path is set)
+import cli  # noqa: E402  (after the path is set)
+import main  # noqa: E402
 import callbacks  # noqa: E402,F401  (imported in the parent so that children start at once)
 import dataloader  # noqa: E402,F401
 import diffusion  # noqa: E402,F401
@@ -32,7 +33,7 @@ def child(argv, log_path):
         os.dup2(fd, 2)
         os.close(fd)
         sys.argv = ['main.py', *argv]
-        main.cli()
+        cli.main(main.main)
         code = 0
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)

@@ -22,6 +22,7 @@ import corpora
 import dataloader
 import detokenizers
 import errors
+import settings
 from conftest import ROOT, SHARED_CORPUS
 
 CONFIGS = str(ROOT / 'configs')
@@ -31,13 +32,12 @@ needs_corpus = pytest.mark.skipif(not SHARED_CORPUS.exists(),
 
 def make_config(*overrides, cache_dir=None):
     """The real configs/ composed with overrides, as main.py gets them (batch sizes resolved)."""
-    import main
     base = ['model=micro', 'model.length=32', 'loader.global_batch_size=4', 'loader.batch_size=4',
             'loader.eval_batch_size=4', 'loader.num_workers=0', 'data.num_proc=1', 'trainer.accelerator=cpu']
     if cache_dir is not None:
         base.append(f'data.cache_dir={cache_dir}')
     with initialize_config_dir(config_dir=CONFIGS, version_base=None):
-        return main.resolve_config(compose(config_name='config', overrides=base + list(overrides)))
+        return settings.resolve(compose(config_name='config', overrides=base + list(overrides)))
 
 
 @pytest.fixture(scope='session')

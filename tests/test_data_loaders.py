@@ -5,6 +5,7 @@ run would have seen: no repeats, no skips).
 The blocks here are synthetic: row i holds the id i everywhere, so a batch names its rows.
 """
 import json
+import zlib
 
 import lightning as L
 import numpy as np
@@ -21,9 +22,11 @@ import runtime
 def make_cache(path, n, length=6):
     """A BlockCache whose row i is [i] * length (uint16), written as the cache writes it."""
     path.mkdir(parents=True, exist_ok=True)
-    np.repeat(np.arange(n, dtype=np.uint16)[:, None], length, axis=1).tofile(path / 'blocks.bin')
-    (path / 'meta.json').write_text(json.dumps({'blocks': n, 'length': length, 'dtype': 'uint16', 'padded': False,
-                                                'documents': n, 'tokens': n * length}))
+    blocks = np.repeat(np.arange(n, dtype=np.uint16)[:, None], length, axis=1)
+    blocks.tofile(path / 'blocks.bin')
+    (path / 'meta.json').write_text(json.dumps({'format': dataloader.CACHE_VERSION, 'blocks': n, 'length': length,
+                                                'dtype': 'uint16', 'padded': False, 'documents': n,
+                                                'tokens': n * length, 'crc32': zlib.crc32(blocks)}))
     return dataloader.BlockCache(path)
 
 

@@ -17,7 +17,7 @@ import torch
 from omegaconf import OmegaConf
 from scipy import integrate, special, stats
 
-import diffusion
+import algorithms
 import latents
 import losses
 import noise_schedule as ns
@@ -371,7 +371,7 @@ class _TableBackbone:
 def _duo_config(tau_log10: float, start: int = 0, end: int = 100):
     return OmegaConf.create({
         'noise': {'type': 'log-linear', 'eps': 1e-3},
-        'algo': {'gamma_min': -3.55, 'gamma_max': -1.85, 'gumbel_tau_log10_start': tau_log10,
+        'algo': {'time_conditioning': True, 'gamma_min': -3.55, 'gamma_max': -1.85, 'gumbel_tau_log10_start': tau_log10,
                  'gumbel_tau_log10_end': tau_log10, 'curriculum_start': start, 'curriculum_end': end}})
 
 
@@ -392,7 +392,7 @@ def test_curriculum_loss_composes_into_the_exact_duo_loss():
     torch.testing.assert_close(losses.duo_loss(backbone(weights), x0, xt, alpha, dalpha),
                                losses.duo_loss(backbone(xt), x0, xt, alpha, dalpha))
     # in expectation, through DUO.loss: Monte Carlo over the Gaussian latent == exact sum over z_t
-    algo = diffusion.DUO(_duo_config(-9.0), K, mask_id=K - 1)
+    algo = algorithms.DUO(_duo_config(-9.0), K, mask_id=K - 1)
     module = types.SimpleNamespace(backbone=backbone)
     x = torch.tensor([[1, 3]])
     n = 40_000
@@ -454,9 +454,9 @@ def test_shared_noise_latents_marginals_and_coupling(monkeypatch, chunk_rows):
 def test_duo_tau_schedule():
     config = OmegaConf.create({
         'noise': {'type': 'log-linear', 'eps': 1e-3},
-        'algo': {'gamma_min': -3.55, 'gamma_max': -1.85, 'gumbel_tau_log10_start': -1.0,
+        'algo': {'time_conditioning': True, 'gamma_min': -3.55, 'gamma_max': -1.85, 'gumbel_tau_log10_start': -1.0,
                  'gumbel_tau_log10_end': -3.0, 'curriculum_start': 100, 'curriculum_end': 300}})
-    algo = diffusion.DUO(config, 50258, 50257)
+    algo = algorithms.DUO(config, 50258, 50257)
     assert algo.tau(0) == pytest.approx(0.1) and algo.tau(100) == pytest.approx(0.1)
     assert algo.tau(300) == pytest.approx(1e-3) and algo.tau(10_000) == pytest.approx(1e-3)
     for step in (125, 200, 290):  # log-linear: log10 tau moves linearly in the step
@@ -468,13 +468,13 @@ def _distillation_config(linear_growth: bool):
     return OmegaConf.create({
         'noise': {'type': 'log-linear', 'eps': 1e-3},
         'trainer': {'max_steps': 1000},
-        'algo': {'gamma_min': -3.55, 'gamma_max': -1.85, 'T': 512, 'update_teacher_every': 100, 'teacher_ema': False,
+        'algo': {'time_conditioning': True, 'gamma_min': -3.55, 'gamma_max': -1.85, 'T': 512, 'update_teacher_every': 100, 'teacher_ema': False,
                  'linear_growth_dt': linear_growth, 'linear_growth_min': 0.001, 'linear_growth_max': 0.25,
                  'loss_type': 'kl-bwd'}})
 
 
 def test_distillation_delta_doubles_each_round():
-    algo = diffusion.Distillation(_distillation_config(False), 50258, 50257)
+    algo = algorithms.Distillation(_distillation_config(False), 50258, 50257)
     assert algo.delta(0) == algo.delta(99) == 1 / 512
     assert algo.delta(100) == algo.delta(199) == 2 / 512
     assert algo.delta(500) == 32 / 512
@@ -482,7 +482,7 @@ def test_distillation_delta_doubles_each_round():
 
 
 def test_distillation_delta_linear_growth():
-    algo = diffusion.Distillation(_distillation_config(True), 50258, 50257)
+    algo = algorithms.Distillation(_distillation_config(True), 50258, 50257)
     assert algo.delta(0) == pytest.approx(0.001)
     assert algo.delta(500) == pytest.approx(0.001 + 0.5 * 0.249)
     assert algo.delta(1000) == pytest.approx(0.25) and algo.delta(2000) == pytest.approx(0.25)

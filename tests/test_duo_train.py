@@ -15,6 +15,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+import algorithms
+import checkpoints
 import diffusion
 import main
 import noise_schedule as ns
@@ -100,7 +102,7 @@ def test_teacher_is_refreshed_exactly_at_round_boundaries(teacher_ema, accumulat
     original = model.algo.loss
 
     def spy(module, x0, mask, t, step):
-        teacher = module.teacher
+        teacher = module.algo.teacher
         records.append({'step': step, 'student': flat(module.backbone.parameters()),
                         'ema': flat(module.ema.shadow_params), 'teacher': flat(teacher.parameters()),
                         'frozen': not any(p.requires_grad for p in teacher.parameters()),
@@ -126,7 +128,7 @@ def test_teacher_is_refreshed_exactly_at_round_boundaries(teacher_ema, accumulat
     assert all(k.startswith('backbone.') for k in model.state_dict())
     optimised = {id(p) for group in trainer.optimizers[0].param_groups for p in group['params']}
     assert optimised == {id(p) for p in model.backbone.parameters()}
-    assert not optimised & {id(p) for p in model.teacher.parameters()}
+    assert not optimised & {id(p) for p in model.algo.teacher.parameters()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,17 +149,18 @@ def test_loss_uses_the_scheduled_step_size(linear_growth):
     config = distill_config('algo.update_teacher_every=100', 'algo.T=64', 'trainer.max_steps=1000',
                             f'algo.linear_growth_dt={str(linear_growth).lower()}', 'algo.linear_growth_min=0.01',
                             'algo.linear_growth_max=0.3', 'algo.gamma_min=-2.5', 'algo.gamma_max=1.5')
-    algo = diffusion.Distillation(config, K, MASK)
+    algo = algorithms.Distillation(config, K, MASK)
     t = torch.tensor([0.0, 0.3, 0.7, 0.99])
     x0 = torch.randint(8, K, (4, 6))
     for step in (0, 99, 100, 250, 399, 500, 1200):
         expected = (0.01 + min(step / 1000, 1) * 0.29) if linear_growth else min(2 ** (step // 100) / 64, 1)
-        module = types.SimpleNamespace(backbone=Recorder(), teacher=Recorder())
+        module = types.SimpleNamespace(backbone=Recorder())
+        algo.teacher = Recorder()
         per_token, weight = algo.loss(module, x0, torch.ones_like(x0), t, step)
         assert per_token.shape == (4, 6) and torch.equal(per_token, torch.zeros(4, 6))
         t_student = (t + expected).clamp(0, 1)
         t_teacher = t_student - expected
-        for net, times in ((module.backbone, t_student), (module.teacher, t_teacher)):
+        for net, times in ((module.backbone, t_student), (algo.teacher, t_teacher)):
             (z, sigma), = net.calls
             assert z.dtype == torch.int64 and z.shape == x0.shape
             alpha = ns.gaussian_to_uniform_alpha((-2.5 + 4.0 * times).double(), K)
@@ -173,8 +176,9 @@ def test_distillation_loss_is_zero_for_identical_teacher_and_vanishing_step():
     other = randomize(copy.deepcopy(student), seed=1)
     for loss_type in ('kl-bwd', 'kl-fwd'):
         def loss(teacher, T):
-            algo = diffusion.Distillation(distill_config(f'algo.T={T}', f'algo.loss_type={loss_type}'), K, MASK)
-            module = types.SimpleNamespace(backbone=student, teacher=teacher)
+            algo = algorithms.Distillation(distill_config(f'algo.T={T}', f'algo.loss_type={loss_type}'), K, MASK)
+            algo.teacher = teacher
+            module = types.SimpleNamespace(backbone=student)
             torch.manual_seed(1)
             return algo.loss(module, x0, torch.ones_like(x0), t, step=0)[0]
         # delta = 2^-40: z_s = z_t and sigma_s = sigma_t to float precision
@@ -190,9 +194,10 @@ def test_distillation_loss_is_zero_for_identical_teacher_and_vanishing_step():
 def test_validation_uses_the_exact_duo_base_loss(algo_name):
     config = make_config(f'algo={algo_name}', *TINY, 'algo.gamma_min=-2.5', 'algo.gamma_max=1.5')
     backbone = randomize(diffusion.make_backbone(config, K, causal=False))
-    module = types.SimpleNamespace(backbone=backbone, teacher=copy.deepcopy(backbone))
-    algo = diffusion.ALGORITHMS[algo_name](config, K, MASK)
-    base = diffusion.DUOBase(config, K, MASK)
+    module = types.SimpleNamespace(backbone=backbone)
+    algo = algorithms.ALGORITHMS[algo_name](config, K, MASK)
+    algo.teacher = copy.deepcopy(backbone)
+    base = algorithms.DUOBase(config, K, MASK)
     x0 = torch.randint(8, K, (8, 8))
     t = ns.stratified_times(8, 1e-3)
 
@@ -237,19 +242,19 @@ def test_resumed_distillation_restores_the_teacher_and_matches_a_straight_run(tm
         if stores_teacher:
             assert checkpoint['teacher']['round'] == 1
             saved = checkpoint['teacher']['state_dict']
-            assert all(torch.equal(saved[k], v) for k, v in first.teacher.state_dict().items())
+            assert all(torch.equal(saved[k], v) for k, v in first.algo.teacher.state_dict().items())
             # the teacher is a snapshot from step 3, equal neither to the current student nor to the EMA
             assert not torch.equal(flat(saved[k] for k, _ in first.backbone.named_parameters()),
                                    flat(first.backbone.parameters()))
             loaded = diffusion.Diffusion(config, K, MASK, bos_id=2)
             loaded.on_load_checkpoint(checkpoint)
-            assert all(torch.equal(loaded.teacher.state_dict()[k], v) for k, v in saved.items())
-            assert loaded._teacher_round == 1
+            assert all(torch.equal(loaded.algo.teacher.state_dict()[k], v) for k, v in saved.items())
+            assert loaded.algo.teacher_round == 1
         resumed = diffusion.Diffusion(config, K, MASK, bos_id=2)
         fit(resumed, 8, ckpt_path=str(path))
         for (name, a), b in zip(straight.backbone.named_parameters(), resumed.backbone.parameters()):
             assert torch.equal(a, b), (stop, name)
-        assert torch.equal(flat(straight.teacher.parameters()), flat(resumed.teacher.parameters()))
+        assert torch.equal(flat(straight.algo.teacher.parameters()), flat(resumed.algo.teacher.parameters()))
         assert torch.equal(flat(straight.ema.shadow_params), flat(resumed.ema.shadow_params))
 
 
@@ -284,7 +289,7 @@ def test_bad_distillation_settings_give_one_clear_line(override, message):
 
 def test_bad_curriculum_range_gives_one_clear_line():
     with pytest.raises(ValueError, match=r'^algo.curriculum_start=10 and algo.curriculum_end=5 must satisfy'):
-        diffusion.DUO(make_config('algo=duo', 'algo.curriculum_start=10', 'algo.curriculum_end=5'), K, MASK)
+        algorithms.DUO(make_config('algo=duo', 'algo.curriculum_start=10', 'algo.curriculum_end=5'), K, MASK)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,7 +305,7 @@ def test_finetune_from_our_checkpoint_starts_from_its_ema_weights(tmp_path):
     with_config = copy.deepcopy(config)
     with_config.training.finetune_path = str(path)
     model = diffusion.Diffusion(config, K, MASK, bos_id=2)
-    main.load_finetune(model, *main.read_finetune(with_config), str(path))
+    checkpoints.start_from(model, main.read_finetune(with_config))
     for p, shadow, mine in zip(trained.backbone.parameters(), trained.ema.shadow_params, model.backbone.parameters()):
         assert torch.equal(mine, shadow) and not torch.equal(mine, p)
     assert torch.equal(flat(model.ema.shadow_params), flat(model.backbone.parameters()))
@@ -313,10 +318,10 @@ def test_finetune_from_a_hugging_face_directory_adopts_its_sizes(tmp_path):
                                                            'model.n_blocks=2', 'model.cond_dim=24'), K, False))
     save_hf(source, tmp_path / 'released')
     config = distill_config(f'training.finetune_path={tmp_path / "released"}')  # says hidden 32, 1 block
-    state_dict, ema_state = main.read_finetune(config)
+    released = main.read_finetune(config)
     assert (config.model.hidden_size, config.model.n_blocks, config.model.cond_dim) == (48, 2, 24)
     model = diffusion.Diffusion(config, K, MASK, bos_id=2)
-    main.load_finetune(model, state_dict, ema_state, str(tmp_path / 'released'))
+    checkpoints.start_from(model, released)
     assert torch.equal(flat(model.backbone.parameters()), flat(source.parameters()))
 
 

@@ -46,11 +46,12 @@ def test_round_trip_gives_the_same_logits(tmp_path, causal):
     assert not torch.equal(model(x, sigma), dit_from(settings, causal)(x, sigma))
 
 
-def test_load_weights_routes_hf_directories(tmp_path):
+def test_read_source_routes_hf_directories(tmp_path):
     model = random_dit()
     hf_format.save_hf(model, tmp_path)
-    state_dict, ema, extra = checkpoints.load_weights(str(tmp_path))
-    assert ema is None and extra['hf_config']['n_heads'] == 4
+    source = checkpoints.read_source(str(tmp_path))
+    state_dict = source.state_dict
+    assert source.ema is None and source.model['n_heads'] == 4
     checkpoints.check_compatible(state_dict, random_dit(seed=1), 'test')
     assert all(torch.equal(state_dict[k], v) for k, v in model.state_dict().items())
 
@@ -135,19 +136,19 @@ def broken(tmp_path, how):
 ])
 def test_broken_directories_give_one_clear_line(tmp_path, how, message):
     with pytest.raises(CheckpointError, match=message) as info:
-        checkpoints.load_weights(broken(tmp_path, how))
+        checkpoints.read_source(broken(tmp_path, how))
     assert '\n' not in str(info.value)
 
 
 def test_directory_without_config(tmp_path):
     with pytest.raises(CheckpointError, match='config.json cannot be read'):
-        checkpoints.load_weights(str(tmp_path))
+        checkpoints.read_source(str(tmp_path))
 
 
 def test_hub_id_offline_fails_fast_with_one_line():
     start = time.monotonic()
     with pytest.raises(CheckpointError, match=r'^eval.checkpoint_path=s-sahoo/duo is not a local directory and the '
                                               r'Hugging Face hub cannot provide it .*huggingface-cli download') as info:
-        checkpoints.load_weights('s-sahoo/duo')
+        checkpoints.read_source('s-sahoo/duo')
     assert '\n' not in str(info.value)
     assert time.monotonic() - start < 10

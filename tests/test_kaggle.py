@@ -19,6 +19,7 @@ import nbformat
 import pytest
 import torch
 
+import algorithms
 import hardware
 import kaggle_train
 import test_kaggle_setup as setup
@@ -185,9 +186,9 @@ def test_training_step_peak_matches_the_profiler(tmp_path):
                                               'model.n_heads=4', 'model.cond_dim=64', f'model.length={L}',
                                               'model.dropout=0.1'])
     torch.manual_seed(0)
-    algorithm = diffusion.ALGORITHMS[algo](config, K, K - 1)
+    algorithm = algorithms.ALGORITHMS[algo](config, K, K - 1)
     backbone = diffusion.make_backbone(config, K, causal=False)
-    module = types.SimpleNamespace(backbone=backbone, teacher=None)
+    module = types.SimpleNamespace(backbone=backbone)
     optimizer = torch.optim.AdamW(backbone.parameters(), lr=1e-3, foreach=True)
     ema = EMA(backbone.parameters(), 0.999)
     x, mask = torch.randint(K - 1, (B, L)), torch.ones(B, L, dtype=torch.long)

@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 
+import callbacks
 from conftest import ROOT
 
 ALPHABET = 'abcd '
@@ -146,7 +147,6 @@ def test_diffusion_bound_is_never_below_the_source_entropy(markov_corpus, tmp_pa
 def test_metrics_log_continues_across_resumes(tmp_path):
     """A resumed run keeps the rows its checkpoint had reached and drops the later ones."""
     import csv
-    import main
     logs = tmp_path / 'logs'
     logs.mkdir()
     with open(logs / 'metrics.csv', 'w', newline='') as f:
@@ -154,7 +154,7 @@ def test_metrics_log_continues_across_resumes(tmp_path):
         writer.writeheader()
         writer.writerows([{'step': 9, 'train/loss': 3.0}, {'step': 19, 'train/loss': 2.0},
                           {'step': 19, 'val/nll': 2.5}, {'step': 29, 'train/loss': 1.0}])
-    logger = main.run_history_logger(tmp_path, resume_step=20)  # the checkpoint is at step 20
+    logger = callbacks.run_history_logger(tmp_path, resume_step=20)  # the checkpoint is at step 20
     logger.log_metrics({'train/loss': 1.5}, step=29)
     logger.log_metrics({'train/lr': 0.1}, step=39)  # a new column
     logger.save()

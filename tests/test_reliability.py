@@ -29,7 +29,7 @@ import torch
 import atomic
 import callbacks
 import checkpoints
-import diffusion
+import cli
 import errors
 import main
 import runtime
@@ -353,7 +353,7 @@ MESSAGES = {
     'global batch not a number': 'loader.global_batch_size=lots must be an integer (e.g. loader.global_batch_size=512)',
     'missing checkpoint': 'eval.checkpoint_path={d}/nowhere.ckpt does not exist: train first (mode=train) or pass '
                           'eval.checkpoint_path=<a .ckpt file, a Hugging Face directory or hub id>',
-    'corrupt checkpoint': 'checkpoint {d}/garbage.ckpt cannot be read (UnpicklingError: could not find MARK); it is '
+    'corrupt checkpoint': 'checkpoint {d}/garbage.ckpt cannot be read (IndexError: pop from empty list); it is '
                           'truncated or not a Lightning checkpoint: use another file, e.g. checkpoints/last.ckpt',
     'truncated checkpoint': 'checkpoint {d}/truncated.ckpt cannot be read (OSError: [Errno 22] Invalid argument); it '
                             'is truncated or not a Lightning checkpoint: use another file, e.g. checkpoints/last.ckpt',
@@ -363,7 +363,7 @@ MESSAGES = {
                                         'data/tokenizer gives 35: use the tokenizer it was trained with '
                                         '(data.tokenizer_name_or_path)',
     'corrupt last.ckpt on resume': '{d}/corrupt_run/checkpoints/last.ckpt cannot be read (OSError: [Errno 22] Invalid '
-                                   'argument): copy the newest periodic checkpoint over it (cp '
+                                   'argument): copy the newest readable checkpoint over it (cp '
                                    '{d}/corrupt_run/checkpoints/step-2.ckpt {d}/corrupt_run/checkpoints/last.ckpt), '
                                    'or start a new run elsewhere (hydra.run.dir=...)',
     'last.ckpt of another size on resume': 'the run to resume ({d}/other_run/checkpoints/last.ckpt) has hidden size 64 '
@@ -407,7 +407,7 @@ def run_cli(argv, capsys) -> tuple[int, str]:
     try:
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(sys, 'argv', ['main.py', *map(str, argv)])
-            main.cli()
+            cli.main(main.main)
         code = 0
     except SystemExit as e:
         code = e.code
