@@ -700,3 +700,87 @@ def test_topk_memory_grows_with_k_not_K():
             largest[K, k] = mode.largest
     assert largest[50, 1] == largest[50258, 1] and largest[50, 4] == largest[50258, 4]
     assert largest[50258, 1] < largest[50258, 4] <= B * L * (4 + 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# fitted curriculum operator (Duo++ poly modes, SPEC-2 §14)
+@pytest.mark.parametrize('gamma_min, gamma_max, degree, alpha_bound, dalpha_bound', [
+    (-3.55, -1.85, 9, 2.5e-5, 0.013),  # OWT range, SPEC-2 §14: 2.4e-5 and 1.3%
+    (-3.5, -1.75, 9, 3.6e-5, 0.023),  # LM1B range: 3.5e-5 and 2.2%
+    (-3.55, -1.85, 7, 3.5e-4, 0.052),  # degree 7: 3e-4 and 5%
+])
+def test_poly_curriculum_error_bounds(gamma_min, gamma_max, degree, alpha_bound, dalpha_bound):
+    """Against the exact operator on a fine grid of [0, 1] (not the fit's points); alpha' is the derivative of
+    alpha (central differences); the fit is the least-squares polynomial (a monomial-basis lstsq agrees)."""
+    K = 50258
+    poly = ns.PolyCurriculum(gamma_min, gamma_max, K, degree=degree)
+    exact = ns.GaussianCurriculum(gamma_min, gamma_max, K)
+    t = torch.linspace(0, 1, 30_001, dtype=torch.float64)
+    assert (poly.alpha(t) - exact.alpha(t)).abs().max() <= alpha_bound
+    assert ((poly.dalpha(t) - exact.dalpha(t)).abs() / exact.dalpha(t).abs()).max() <= dalpha_bound
+    h = 1e-5
+    inner = t[1:-1:100]
+    torch.testing.assert_close(poly.dalpha(inner), (poly.alpha(inner + h) - poly.alpha(inner - h)) / (2 * h),
+                               rtol=1e-6, atol=1e-8)
+    fit_t = np.linspace(0, 1, 100_000)
+    target = exact.alpha(torch.from_numpy(fit_t)).numpy()
+    monomial = np.linalg.lstsq(np.vander(fit_t, degree + 1), target, rcond=None)[0]
+    np.testing.assert_allclose(poly.alpha(t).numpy(), np.polyval(monomial, t.numpy()), rtol=0, atol=1e-8)
+    # float32 in, float32 out, same values
+    t32 = t[::1000].float()
+    assert poly.alpha(t32).dtype == poly.dalpha(t32).dtype == torch.float32
+    torch.testing.assert_close(poly.alpha(t32).double(), poly.alpha(t32.double()))
+
+
+def test_poly_curriculum_cache_is_keyed_by_every_setting(fresh_cache, monkeypatch):
+    """A file per (K, gamma_min, gamma_max, degree); reloaded without refitting; pickle-free .npz;
+    corrupt or mismatched files are rebuilt with a warning."""
+    settings = [(-3.55, -1.85, 50, 9), (-3.55, -1.85, 51, 9), (-3.5, -1.85, 50, 9), (-3.55, -1.75, 50, 9),
+                (-3.55, -1.85, 50, 7)]
+    fitted = {s: ns.PolyCurriculum(*s[:3], degree=s[3]) for s in settings}
+    files = sorted(p for p in fresh_cache.iterdir() if 'poly' in p.name)
+    assert len(files) == len(settings)
+    t = torch.linspace(0, 1, 7, dtype=torch.float64)
+    assert len({tuple(c.alpha(t).tolist()) for c in fitted.values()}) == len(settings)
+    for path in files:
+        with zipfile.ZipFile(path) as archive:
+            assert sorted(archive.namelist()) == ['coefficients.npy', 'meta.npy']
+        with np.load(path, allow_pickle=False) as cached:
+            assert cached['coefficients'].dtype == np.float64
+
+    def must_not_fit(*args):
+        raise AssertionError('the cached fit should have been used')
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ns, 'fit_curriculum_polynomial', must_not_fit)
+        for s, first in fitted.items():
+            assert torch.equal(ns.PolyCurriculum(*s[:3], degree=s[3]).alpha(t), first.alpha(t))
+    base = settings[0]
+    path = next(p for p in files if p.name == f'curriculum_poly9_K50_gamma-3.55_-1.85_v{ns._POLY_VERSION}.npz')
+    good = path.read_bytes()
+    other = next(p for p in files if '_K51_' in p.name).read_bytes()  # another K's fit under this name
+    for name, content in {'truncated': good[:len(good) // 2], 'random bytes': bytes(range(256)) * 4,
+                          'other settings': other}.items():
+        path.write_bytes(content)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            rebuilt = ns.PolyCurriculum(*base[:3], degree=base[3])
+        assert any('rebuilding' in str(w.message) for w in caught), name
+        assert torch.equal(rebuilt.alpha(t), fitted[base].alpha(t)), name
+        assert path.read_bytes() == good, name
+
+
+def test_curriculum_operator_modes():
+    args = (-3.55, -1.85, 50)
+    for mode in ('simple', 'efficient_cached', 'series'):
+        assert isinstance(ns.curriculum_operator(mode, *args), ns.GaussianCurriculum)
+    for degree in (3, 5, 7, 9):
+        op = ns.curriculum_operator(f'poly{degree}', *args)
+        assert isinstance(op, ns.PolyCurriculum) and op.degree == degree
+    for mode in ('sigmoid', 'sigmoid-edge-corrected'):
+        with pytest.raises(ValueError, match=f'algo.curriculum.mode={mode} is not supported'):
+            ns.curriculum_operator(mode, *args)
+    with pytest.raises(ValueError, match='unknown'):
+        ns.curriculum_operator('poly4', *args)
+    with pytest.raises(ValueError, match='gamma_min'):
+        ns.curriculum_operator('poly9', -1.0, -2.0, 50)
