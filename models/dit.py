@@ -137,8 +137,16 @@ class VocabEmbedding(nn.Module):
         self.embedding = nn.Parameter(torch.empty(vocab_size, dim))
         nn.init.kaiming_uniform_(self.embedding, a=math.sqrt(5))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: ids (B, L) or weights (B, L, K) over the vocabulary -> (B, L, d)."""
+    def forward(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """x: ids (B, L), or weights (B, L, K) over the vocabulary, or with `weights` (B, L, k) the ids
+        (B, L, k) they weigh (the top-k relaxed input: sum_slots weights * E[ids]) -> (B, L, d)."""
+        if weights is not None:
+            B, L, k = x.shape
+            # float32 with autocast off, as the dense relaxed input; the bag sum never builds (B, L, K)
+            with torch.autocast(x.device.type, enabled=False):
+                h = F.embedding_bag(x.reshape(B * L, k), self.embedding.float(),
+                                    per_sample_weights=weights.reshape(B * L, k).float(), mode='sum')
+            return h.view(B, L, -1).type_as(self.embedding)
         if not x.is_floating_point():
             return F.embedding(x, self.embedding)
         # Autocast off so that it does not make a low-precision copy of the (B, L, K) weights.
@@ -282,11 +290,13 @@ class DiT(nn.Module):
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None,
                 kv_cache: KVCache | None = None, output_rows: torch.Tensor | None = None,
-                out: torch.Tensor | None = None) -> torch.Tensor:
+                out: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, L, K) in the compute dtype (float32, or the autocast dtype).
 
         x: int ids (B, L), or float weights (B, L, K) whose rows are distributions over the
-        vocabulary (embedding = x @ vocab_embed.embedding). sigma: (B,) noise level, required
+        vocabulary (embedding = x @ vocab_embed.embedding), or with `weights` (B, L, k) float the
+        int ids (B, L, k) they weigh: the top-k relaxed input of latents.topk_relaxed_latent,
+        embedding = sum_slots weights * E[ids] (float32). sigma: (B,) noise level, required
         by the non-causal model and ignored by the causal one. attention_mask: (B, L), 1 = token,
         0 = padding, masked out as keys. kv_cache (causal only): x holds the next tokens after
         the kv_cache.length cached ones; their keys/values are appended and only their logits
@@ -302,7 +312,11 @@ class DiT(nn.Module):
         if output_rows is not None and (output_rows.dtype != torch.bool or output_rows.shape != (B, L)):
             raise ValueError(f'output_rows must be a bool mask of shape {(B, L)} (the positions whose '
                              f'logits are wanted), got {output_rows.dtype} {tuple(output_rows.shape)}')
-        if x.is_floating_point() and (x.dim() != 3 or x.shape[-1] != self.vocab_size):
+        if weights is not None:
+            if x.is_floating_point() or x.dim() != 3 or weights.shape != x.shape or not weights.is_floating_point():
+                raise ValueError(f'with weights, x must be int ids (B, L, k) and weights float of the same shape, '
+                                 f'got x {x.dtype} {tuple(x.shape)} and weights {weights.dtype} {tuple(weights.shape)}')
+        elif x.is_floating_point() and (x.dim() != 3 or x.shape[-1] != self.vocab_size):
             raise ValueError(f'float input must be weights (B, L, K={self.vocab_size}) over the '
                              f'vocabulary, got shape {tuple(x.shape)}')
         if start + L > self.max_length:
@@ -314,7 +328,7 @@ class DiT(nn.Module):
                 raise ValueError('the non-causal DiT needs sigma (B,); MDLM passes zeros')
             c = F.silu(self.sigma_map(sigma.reshape(-1).expand(B)))
         cos, sin = self.rotary_emb(start, L)
-        h = self.vocab_embed(x)
+        h = self.vocab_embed(x, weights)
         attend = self._attention(attention_mask, L, kv_cache)
         for i, block in enumerate(self.blocks):
             layer_attend = attend if kv_cache is None else functools.partial(attend, i)

@@ -276,6 +276,80 @@ def test_relaxed_weights_embed_as_mixture():
     torch.testing.assert_close(model.vocab_embed(w).double(), expected, atol=1e-6, rtol=1e-6)
 
 
+def topk_input(B, L, k, seed=0):
+    """Random top-k input: k distinct ids per position (B, L, k) and positive weights summing to < 1."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.rand(B, L, K, generator=g).argsort(-1)[..., :k]
+    weights = torch.rand(B, L, k, generator=g) / k * 0.99
+    return ids, weights
+
+
+def dense_input(ids, weights):
+    """The same input as a (B, L, K) vector over the vocabulary: the k weights scattered at their ids."""
+    return torch.zeros(*ids.shape[:2], K).scatter_(-1, ids, weights)
+
+
+@pytest.mark.parametrize('k', [1, 3])
+def test_topk_weights_input_equals_dense_relaxed_input(k):
+    """DiT(ids (B, L, k), sigma, weights=) == DiT(dense (B, L, K) with the same mass), to float32 precision;
+    the embedding is sum_slots w E[id] (float64 reference), and the parameters are unchanged."""
+    model = small_model()
+    ids, weights = topk_input(2, 11, k)
+    sigma = torch.rand(2)
+    expected = torch.einsum('blk,blkd->bld', weights.double(), model.vocab_embed.embedding.double()[ids])
+    torch.testing.assert_close(model.vocab_embed(ids, weights).double(), expected, atol=1e-6, rtol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, sigma, weights=weights), model(dense_input(ids, weights), sigma),
+                                   atol=1e-5, rtol=1e-5)
+    assert list(model.state_dict()) == expected_keys(N_BLOCKS, causal=False)
+
+
+def test_topk_input_gradient_reaches_the_embedding():
+    """The embedding's gradient through the top-k input equals the dense input's: nonzero exactly on the
+    ids used (weights > 0), zero on every other row."""
+    ids, weights = topk_input(2, 7, 2, seed=1)
+    sigma = torch.rand(2)
+    grads = []
+    for inputs in ((ids, weights), (dense_input(ids, weights), None)):
+        model = small_model()
+        model.train()
+        logits = model(inputs[0], sigma, weights=inputs[1])
+        (logits * torch.linspace(-1, 1, K)).sum().backward()
+        grads.append(model.vocab_embed.embedding.grad)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-5)
+    used = torch.zeros(K, dtype=torch.bool)
+    used[ids.flatten()] = True
+    assert (grads[0][used].abs().sum(-1) > 0).all() and (grads[0][~used] == 0).all()
+
+
+def test_topk_input_stays_float32_under_autocast_and_grows_with_k():
+    """Under bf16 autocast the bag sum is still float32 (as the dense relaxed input); no tensor made by the
+    embedding of a top-k input has K elements per position."""
+    model = small_model()
+    ids, weights = topk_input(2, 5, 3)
+    expected = model.vocab_embed(ids, weights)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        got = model.vocab_embed(ids, weights)
+        assert model(ids, torch.zeros(2), weights=weights).shape == (2, 5, K)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+    largest = 0
+
+    class Largest(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            nonlocal largest
+            out = func(*args, **(kwargs or {}))
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    largest = max(largest, t.numel())
+            return out
+
+    B, L = 2, 5
+    with torch.no_grad(), Largest():
+        model.vocab_embed(ids, weights)
+    assert largest <= B * L * D < B * L * K
+
+
 def test_output_shape_dtype_and_sigma_dependence():
     model = small_model()
     ids = torch.randint(0, K, (3, 13))
@@ -309,6 +383,11 @@ def test_bad_inputs_raise_clear_errors():
         model(torch.randint(0, K, (1, MAX_LEN + 1)), torch.zeros(1))
     with pytest.raises(ValueError, match='weights'):
         model(torch.rand(2, 8, K + 1), torch.zeros(2))
+    ids, weights = topk_input(2, 8, 3)
+    for bad_x, bad_w in ((ids.float(), weights), (ids, weights[..., :2]), (ids[..., 0], weights[..., 0]),
+                         (ids, ids)):
+        with pytest.raises(ValueError, match='with weights'):
+            model(bad_x, torch.zeros(2), weights=bad_w)
     with pytest.raises(ValueError, match='kv_cache needs a causal model|KV cache needs a causal'):
         model.init_kv_cache(2)
     with pytest.raises(ValueError, match='n_heads'):

@@ -486,3 +486,301 @@ def test_distillation_delta_linear_growth():
     assert algo.delta(0) == pytest.approx(0.001)
     assert algo.delta(500) == pytest.approx(0.001 + 0.5 * 0.249)
     assert algo.delta(1000) == pytest.approx(0.25) and algo.delta(2000) == pytest.approx(0.25)
+
+
+# ---------------------------------------------------------------------------------------------
+# Top-k Gaussian latents (Duo++ efficient curriculum, SPEC-2 §14)
+def _gaussian_coefficients(gamma: float) -> tuple[float, float]:
+    """(alpha~, sigma~) = (sqrt(sigmoid(-gamma)), sqrt(sigmoid(gamma))), written from SPEC §5."""
+    return math.sqrt(1 / (1 + math.exp(gamma))), math.sqrt(1 / (1 + math.exp(-gamma)))
+
+
+def _constant_rows(ms, L):
+    """x0 (len(ms), L): sequence b holds the id ms[b] everywhere (so the clean id m is known per row)."""
+    return torch.tensor(ms)[:, None].expand(len(ms), L).contiguous()
+
+
+@pytest.mark.parametrize('k', [1, 2, 8])
+def test_topk_argmax_is_the_argmax_of_the_full_latent(k):
+    """P(z_t = m) = I(gamma) and z_t uniform on the other K - 1 ids (chi-square on absolute ids, per m):
+    z_t is argmax(w), not 'm whenever W_m is retained' (upstream: 0.576 for K = 50, k = 4)."""
+    K, gamma, L = 50, -1.0, 20_000
+    ms = [0, 23, 49]
+    I = quad_alpha(gamma, K) * (K - 1) / K + 1 / K  # I = T + (1 - T) / K, by quadrature
+    assert abs(I - 0.2970) < 5e-5  # SPEC-2 §14
+    torch.manual_seed(k)
+    xt, ids, weights = latents.topk_relaxed_latent(_constant_rows(ms, L), torch.full((3,), gamma), K, 0.1, k)
+    assert xt.shape == (3, L) and ids.shape == weights.shape == (3, L, k)
+    assert xt.dtype == ids.dtype == torch.int64 and weights.dtype == torch.float32
+    assert torch.equal(ids[..., 0], xt)
+    for row, m in enumerate(ms):
+        observed = torch.bincount(xt[row], minlength=K).numpy()
+        expected = np.full(K, L * (1 - I) / (K - 1))
+        expected[m] = L * I
+        assert abs(observed[m] - L * I) < 4.5 * math.sqrt(L * I * (1 - I)), (m, observed[m] / L, I)
+        assert stats.chisquare(observed, expected).pvalue > 1e-4, (m, observed)
+
+
+def _normalised_denominators(K, gamma, tau, k, n, seed):
+    """Independent full-K draw: D e^{-max w / tau} with D = sum_j e^{w_j / tau}, and whether W_m is among
+    the k largest coordinates (the event 'W_m in R'); clean id m = 0."""
+    a, s = _gaussian_coefficients(gamma)
+    g = torch.Generator().manual_seed(seed)
+    w = s * torch.randn(n, K, generator=g, dtype=torch.float64)
+    w[:, 0] += a
+    D = torch.exp((w - w.max(1, keepdim=True).values) / tau).sum(1)
+    return D, w[:, 0] > w[:, 1:].topk(k, dim=1).values[:, -1]
+
+
+@pytest.mark.parametrize('k', [1, 2, 5])
+def test_topk_denominator_is_unbiased(k):
+    """E[D^ f] = E[D f] for f = e^{-max w / tau} 1_A, A in {all, W_m in R, W_m not in R}: D^ is unbiased given
+    (V_1..V_k, W_m), which fixes f (Monte Carlo z-tests; K = 6, so k = 5 keeps every coordinate). f keeps the
+    statistic in [1, K]. Upstream's tail (threshold V_{k-1}, count K - k, e^{V_k / tau} dropped when W_m in R)
+    is biased upwards on A = {W_m in R}."""
+    K, gamma, tau, n = 6, 0.0, 0.3, 100_000
+    D, inside_full = _normalised_denominators(K, gamma, tau, k, n, seed=k)
+    torch.manual_seed(100 + k)
+    _, ids, values, log_denominator = latents.topk_gaussian_latent(
+        torch.zeros(1, n, dtype=torch.long), torch.tensor([gamma]), K, tau, k)
+    D_hat = torch.exp(log_denominator[0] - values[0, :, 0] / tau)
+    inside = (ids[0] == 0).any(1)
+    p, p_full = inside.double().mean(), inside_full.double().mean()
+    assert abs(p - p_full) < 4.5 * math.sqrt(2 * p_full * (1 - p_full) / n) + 1e-12, (p, p_full)
+    for event, event_full in ((torch.ones_like(inside), torch.ones_like(inside_full)), (inside, inside_full),
+                              (~inside, ~inside_full)):
+        a, b = D_hat * event, D * event_full
+        z = (a.mean() - b.mean()) / torch.sqrt(a.var() / n + b.var() / n)
+        assert abs(z) < 4.5, (k, a.mean().item(), b.mean().item(), z.item())
+
+
+@pytest.mark.parametrize('sigma', [0.3, 0.9])
+def test_topk_truncated_exp_mean_matches_its_definition(sigma):
+    """log E[e^{X/tau} | X < c], X ~ N(0, sigma^2): by quadrature of the definition at tau >= 0.05, and by
+    50-digit arithmetic of exp(s^2/2) Phi(c/sigma - s) / Phi(c/sigma) (s = sigma/tau) down to tau = 1e-9."""
+    import mpmath
+    cs = [-1.0, 0.0, 0.7, 2.0, 4.0]
+    taus = [1.0, 0.3, 0.05, 1e-2, 1e-3, 1e-6, 1e-9]
+    c = torch.tensor([[ci * sigma for ci in cs]] * len(taus), dtype=torch.float64)
+    got = torch.stack([latents._log_truncated_exp_mean(c[i], torch.full_like(c[i], sigma), tau)
+                       for i, tau in enumerate(taus)])
+    mpmath.mp.dps = 50
+    for i, tau in enumerate(taus):
+        for j, cj in enumerate(c[i].tolist()):
+            if tau >= 0.05:
+                num = integrate.quad(lambda x: math.exp(x / tau + stats.norm.logpdf(x, scale=sigma) - cj / tau),
+                                     -np.inf, cj, epsabs=0, epsrel=1e-12)[0]
+                ref = cj / tau + math.log(num) - stats.norm.logcdf(cj / sigma)
+            else:
+                a, s = mpmath.mpf(cj) / sigma, mpmath.mpf(sigma) / tau
+                ref = float(s ** 2 / 2 + mpmath.log(mpmath.ncdf(a - s)) - mpmath.log(mpmath.ncdf(a)))
+            assert got[i, j].item() == pytest.approx(ref, rel=1e-12, abs=1e-9), (tau, cj)
+
+
+def test_topk_ids_are_a_uniform_injection_and_weights_exchangeable():
+    """Per slot, the ids != m are uniform on the K - 1 other ids (chi-square); the expected input weight
+    E[sum_slots w 1{id = j}] is the same for every j != m (per-id z-tests against the row mean of the others).
+    Floyd's unshuffled order gives the top slot (V_1) only the ids of {0..K-1-k} shifted past m."""
+    K, k, gamma, tau, L = 20, 3, -1.0, 0.5, 30_000
+    ms = [0, 9, 19]
+    torch.manual_seed(3)
+    xt, ids, weights = latents.topk_relaxed_latent(_constant_rows(ms, L), torch.full((3,), gamma), K, tau, k)
+    assert ((ids >= 0) & (ids < K)).all()
+    assert (ids.sort(-1).values.diff(dim=-1) > 0).all()  # distinct ids per position
+    assert (weights.diff(dim=-1) <= 0).all() and (weights > 0).all() and (weights.sum(-1) <= 1 + 1e-6).all()
+    for row, m in enumerate(ms):
+        for s in range(k):
+            slot = ids[row, :, s]
+            observed = np.delete(torch.bincount(slot[slot != m], minlength=K).numpy(), m)
+            assert stats.chisquare(observed).pvalue > 1e-4, (m, s, observed)
+        mass = torch.zeros(L, K, dtype=torch.float64).scatter_add_(1, ids[row], weights[row].double())
+        others = torch.cat([mass[:, :m], mass[:, m + 1:]], 1)  # (L, K - 1)
+        diff = others - others.mean(1, keepdim=True)
+        z = diff.mean(0) / (diff.std(0) / math.sqrt(L))
+        assert z.abs().max() < 4.5, (m, z)
+
+
+@pytest.mark.parametrize('tau', [1e-3, 1e-2])
+def test_topk_kept_mass_matches_the_full_softmax(tau):
+    """The retained set R is the top-k of the full latent, so E[sum w] should be the full softmax(w / tau)'s
+    top-k mass and E[w at m] its E[p_m] (z-tests against an independent full-K draw). Measured here
+    (K = 1000, k = 2, gamma = -2.5): kept 0.9999 at tau = 1e-3, ~0.99 at 1e-2; E[w_m] = P(z_t = m) at 1e-3."""
+    K, k, gamma, n_full, n = 1000, 2, -2.5, 8000, 100_000
+    a, s = _gaussian_coefficients(gamma)
+    g = torch.Generator().manual_seed(7)
+    kept_full, p_m = [], []
+    for _ in range(4):
+        w = s * torch.randn(n_full // 4, K, generator=g, dtype=torch.float64)
+        w[:, 0] += a
+        p = (w / tau).softmax(1)
+        kept_full.append(p.topk(k, 1).values.sum(1))
+        p_m.append(p[:, 0])
+    kept_full, p_m = torch.cat(kept_full), torch.cat(p_m)
+    torch.manual_seed(8)
+    xt, ids, weights = latents.topk_relaxed_latent(torch.zeros(1, n, dtype=torch.long), torch.tensor([gamma]), K, tau, k)
+    kept = weights[0].double().sum(1)
+    w_m = (weights[0].double() * (ids[0] == 0)).sum(1)
+    print(f'\ntau={tau}: kept mass top-k {kept.mean():.5f}, full softmax top-{k} {kept_full.mean():.5f}; '
+          f'E[w_m] {w_m.mean():.4f}, E[p_m] {p_m.mean():.4f}, P(z_t = m) {(xt == 0).double().mean():.4f}')
+    for mine, full in ((kept, kept_full), (w_m, p_m)):
+        z = (mine.mean() - full.mean()) / torch.sqrt(mine.var() / n + full.var() / n_full)
+        assert abs(z) < 4.5, (tau, mine.mean().item(), full.mean().item())
+    assert kept.mean() > (0.999 if tau == 1e-3 else 0.97)
+    if tau == 1e-3:
+        hit = (xt == 0).double()
+        assert abs(w_m.mean() - hit.mean()) < 4.5 * math.sqrt(((w_m - hit).var() / n).item())
+
+
+def test_topk_input_tends_to_one_hot_of_the_argmax():
+    """tau -> 0: the top-k input -> e_{z_t} (all weight on slot 0, whose id is z_t), with K = 50258, no NaN."""
+    K, k, L = 50258, 2, 512
+    x0 = torch.randint(0, K, (3, L), generator=torch.Generator().manual_seed(1))
+    gamma = torch.tensor([-3.55, -2.7, -1.85])
+    deviation = []
+    for tau in (1.0, 1e-2, 1e-4, 1e-9):
+        torch.manual_seed(0)
+        xt, ids, weights = latents.topk_relaxed_latent(x0, gamma, K, tau, k)
+        assert torch.isfinite(weights).all() and torch.equal(ids[..., 0], xt)
+        assert (weights[..., 0] > 1 / K).all()  # D^ < K e^{max / tau}
+        deviation.append(max((weights[..., 0] - 1).abs().max().item(), weights[..., 1:].max().item()))
+    assert deviation[0] > 0.1 and deviation[-1] < 1e-6
+    assert all(a >= b for a, b in zip(deviation, deviation[1:]))
+
+
+def test_topk_reproduces_from_the_seed_and_checks_its_arguments():
+    K, k = 30, 4
+    x0 = torch.randint(0, K, (2, 64), generator=torch.Generator().manual_seed(2))
+    gamma = torch.tensor([-2.0, -1.0])
+    draws = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            torch.manual_seed(9)
+            draws.append(latents.topk_relaxed_latent(x0, gamma, K, 0.01, k))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*draws))
+    assert latents.topk_relaxed_latent(x0, gamma, K, 0.01, np.int64(k))[1].shape == (2, 64, k)  # a config's int
+    # k = K - 1 keeps every coordinate: the ids are all K ids but one, and W_m is in R or its id is not
+    xt, ids, weights = latents.topk_relaxed_latent(x0, gamma, K, 0.01, K - 1)
+    assert (ids.sort(-1).values.diff(dim=-1) > 0).all() and torch.equal(ids[..., 0], xt)
+    for bad in (0, -1, K, 2.0, True):
+        with pytest.raises(ValueError, match=r'algo\.curriculum\.top_k'):
+            latents.topk_relaxed_latent(x0, gamma, K, 0.01, bad)
+    with pytest.raises(ValueError, match='tau'):
+        latents.topk_relaxed_latent(x0, gamma, K, 0.0, 2)
+
+
+class _LargestOutput(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the largest number of elements of any tensor an aten op returns inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_topk_memory_grows_with_k_not_K():
+    """Every tensor made while drawing the top-k latent has at most (k + 2) elements per position,
+    the same at K = 50 and K = 50258; it grows with k."""
+    B, L = 2, 64
+    largest = {}
+    for K in (50, 50258):
+        for k in (1, 4):
+            x0 = torch.randint(0, 50, (B, L))
+            with _LargestOutput() as mode:
+                latents.topk_relaxed_latent(x0, torch.tensor([-2.0, -1.0]), K, 1e-3, k)
+            largest[K, k] = mode.largest
+    assert largest[50, 1] == largest[50258, 1] and largest[50, 4] == largest[50258, 4]
+    assert largest[50258, 1] < largest[50258, 4] <= B * L * (4 + 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# fitted curriculum operator (Duo++ poly modes, SPEC-2 §14)
+@pytest.mark.parametrize('gamma_min, gamma_max, degree, alpha_bound, dalpha_bound', [
+    (-3.55, -1.85, 9, 2.5e-5, 0.013),  # OWT range, SPEC-2 §14: 2.4e-5 and 1.3%
+    (-3.5, -1.75, 9, 3.6e-5, 0.023),  # LM1B range: 3.5e-5 and 2.2%
+    (-3.55, -1.85, 7, 3.5e-4, 0.052),  # degree 7: 3e-4 and 5%
+])
+def test_poly_curriculum_error_bounds(gamma_min, gamma_max, degree, alpha_bound, dalpha_bound):
+    """Against the exact operator on a fine grid of [0, 1] (not the fit's points); alpha' is the derivative of
+    alpha (central differences); the fit is the least-squares polynomial (a monomial-basis lstsq agrees)."""
+    K = 50258
+    poly = ns.PolyCurriculum(gamma_min, gamma_max, K, degree=degree)
+    exact = ns.GaussianCurriculum(gamma_min, gamma_max, K)
+    t = torch.linspace(0, 1, 30_001, dtype=torch.float64)
+    assert (poly.alpha(t) - exact.alpha(t)).abs().max() <= alpha_bound
+    assert ((poly.dalpha(t) - exact.dalpha(t)).abs() / exact.dalpha(t).abs()).max() <= dalpha_bound
+    h = 1e-5
+    inner = t[1:-1:100]
+    torch.testing.assert_close(poly.dalpha(inner), (poly.alpha(inner + h) - poly.alpha(inner - h)) / (2 * h),
+                               rtol=1e-6, atol=1e-8)
+    fit_t = np.linspace(0, 1, 100_000)
+    target = exact.alpha(torch.from_numpy(fit_t)).numpy()
+    monomial = np.linalg.lstsq(np.vander(fit_t, degree + 1), target, rcond=None)[0]
+    np.testing.assert_allclose(poly.alpha(t).numpy(), np.polyval(monomial, t.numpy()), rtol=0, atol=1e-8)
+    # float32 in, float32 out, same values
+    t32 = t[::1000].float()
+    assert poly.alpha(t32).dtype == poly.dalpha(t32).dtype == torch.float32
+    torch.testing.assert_close(poly.alpha(t32).double(), poly.alpha(t32.double()))
+
+
+def test_poly_curriculum_cache_is_keyed_by_every_setting(fresh_cache, monkeypatch):
+    """A file per (K, gamma_min, gamma_max, degree); reloaded without refitting; pickle-free .npz;
+    corrupt or mismatched files are rebuilt with a warning."""
+    settings = [(-3.55, -1.85, 50, 9), (-3.55, -1.85, 51, 9), (-3.5, -1.85, 50, 9), (-3.55, -1.75, 50, 9),
+                (-3.55, -1.85, 50, 7)]
+    fitted = {s: ns.PolyCurriculum(*s[:3], degree=s[3]) for s in settings}
+    files = sorted(p for p in fresh_cache.iterdir() if 'poly' in p.name)
+    assert len(files) == len(settings)
+    t = torch.linspace(0, 1, 7, dtype=torch.float64)
+    assert len({tuple(c.alpha(t).tolist()) for c in fitted.values()}) == len(settings)
+    for path in files:
+        with zipfile.ZipFile(path) as archive:
+            assert sorted(archive.namelist()) == ['coefficients.npy', 'meta.npy']
+        with np.load(path, allow_pickle=False) as cached:
+            assert cached['coefficients'].dtype == np.float64
+
+    def must_not_fit(*args):
+        raise AssertionError('the cached fit should have been used')
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ns, 'fit_curriculum_polynomial', must_not_fit)
+        for s, first in fitted.items():
+            assert torch.equal(ns.PolyCurriculum(*s[:3], degree=s[3]).alpha(t), first.alpha(t))
+    base = settings[0]
+    path = next(p for p in files if p.name == f'curriculum_poly9_K50_gamma-3.55_-1.85_v{ns._POLY_VERSION}.npz')
+    good = path.read_bytes()
+    other = next(p for p in files if '_K51_' in p.name).read_bytes()  # another K's fit under this name
+    for name, content in {'truncated': good[:len(good) // 2], 'random bytes': bytes(range(256)) * 4,
+                          'other settings': other}.items():
+        path.write_bytes(content)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            rebuilt = ns.PolyCurriculum(*base[:3], degree=base[3])
+        assert any('rebuilding' in str(w.message) for w in caught), name
+        assert torch.equal(rebuilt.alpha(t), fitted[base].alpha(t)), name
+        assert path.read_bytes() == good, name
+
+
+def test_curriculum_operator_modes():
+    args = (-3.55, -1.85, 50)
+    for mode in ('simple', 'efficient_cached', 'series'):
+        assert isinstance(ns.curriculum_operator(mode, *args), ns.GaussianCurriculum)
+    for degree in (3, 5, 7, 9):
+        op = ns.curriculum_operator(f'poly{degree}', *args)
+        assert isinstance(op, ns.PolyCurriculum) and op.degree == degree
+    for mode in ('sigmoid', 'sigmoid-edge-corrected'):
+        with pytest.raises(ValueError, match=f'algo.curriculum.mode={mode} is not supported'):
+            ns.curriculum_operator(mode, *args)
+    with pytest.raises(ValueError, match='unknown'):
+        ns.curriculum_operator('poly4', *args)
+    with pytest.raises(ValueError, match='gamma_min'):
+        ns.curriculum_operator('poly9', -1.0, -2.0, 50)
