@@ -172,7 +172,8 @@ def uniform_step(z: torch.Tensor, logits: torch.Tensor, alpha_t: float, alpha_s:
     logits (B, L, K): the denoiser x_θ(z_t) (modified in place: nucleus filter, log-softmax); x̂ is
     x_θ after the nucleus filter, so a filtered id is reachable only through the uniform component.
     q_Ψ(z_s | z_t) = κ q(z_s | z_t, x̂) + (1 - κ) [α_s x̂' + (1 - α_s)/K · 1], with
-    q(z_s | z_t, x̂) ∝ (α_s - α_t) x̂ + (K α_t x̂_{z_t} + α_t/α_s - α_t) e_{z_t} + (1 - α_t/α_s)(1 - α_s)/K · 1
+    q(z_s | z_t, x̂) ∝ (α_s - α_t) x̂ + (K α_t x̂_{z_t} + α_t/α_s - α_t) e_{z_t}
+                      + (1 - α_t/α_s)(1 - α_s)/K · 1
     and x̂' ∝ (1 - α_t) x̂ + K α_t x̂_{z_t} e_{z_t}, is a mixture whose three components have per-token
     weights (psi_uniform_weights): pick the component, then draw from x̂, keep z_t, or draw a uniform
     id. α_s = 1 gives the last (noise-removal) step: w_unif = 0. kappa in [0, 1].
@@ -262,7 +263,7 @@ def parse_kappa_mode(mode: str, key: str = 'sampling.psi.high_mode') -> tuple[st
 
 
 def segment_kappas(mode: str, alphas: torch.Tensor, key: str = 'sampling.psi.high_mode',
-                   rescale_compat: bool = False) -> torch.Tensor:
+                   rescale_compat: bool = False, negative_kappa: bool = False) -> torch.Tensor:
     """κ for a segment of n consecutive grid points with signal levels alphas (n,) float64 -> (n,) float64.
 
     pure-posterior: 1; pure-pc: 0; constant-η: η. ReMDM-like modes: for each of the n - 1 pairs
@@ -273,6 +274,11 @@ def segment_kappas(mode: str, alphas: torch.Tensor, key: str = 'sampling.psi.hig
       max-rescale-η    σ = η · min(1, (1 - α_s)/α_t)                 (ReMDM-rescale; η where α_t = 0)
                        rescale_compat: upstream's η · min(η, (1 - α_s)/α_t) (pitfall (a))
       constant-remdm-η σ = η
+    The clip at 0 (upstream; required for uniform-state diffusion) caps σ at 1 - α_s, which makes
+    max-capped-η give exactly the κ of constant-remdm-η. negative_kappa (absorbing only, upstream
+    pitfall (b)): κ = min(1, 1 - σ/(1 - α_s)) bounded below by 1 - σ_max/(1 - α_s), σ_max =
+    min(1, (1 - α_s)/α_t) (ReMDM's bound, where MDLM's Ψ-step is still a distribution): ReMDM's σ
+    exactly for max-capped and max-rescale.
     """
     name, eta = parse_kappa_mode(mode, key)
     alphas = alphas.to(torch.float64)
@@ -292,7 +298,12 @@ def segment_kappas(mode: str, alphas: torch.Tensor, key: str = 'sampling.psi.hig
         sigma = torch.full_like(a_t, eta)
     remaining = 1 - a_s
     kappa = torch.where(remaining > 0, 1 - sigma / remaining.clamp(min=torch.finfo(torch.float64).tiny), 1.0)
-    return torch.cat([kappa.clamp(0, 1), alphas.new_ones(1)])
+    if negative_kappa:
+        sigma_max = torch.where(a_t > 0, ratio.clamp(max=1.0), 1.0)
+        lowest = torch.where(remaining > 0, 1 - sigma_max / remaining.clamp(min=torch.finfo(torch.float64).tiny), 1.0)
+    else:
+        lowest = torch.zeros_like(kappa)
+    return torch.cat([torch.maximum(kappa, lowest).clamp(max=1), alphas.new_ones(1)])
 
 
 def psi_segment_sizes(n: int, high_frac: float, middle_frac: float) -> tuple[int, int, int]:
@@ -371,7 +382,7 @@ def psi_time_grid(steps: int, alpha_fn, time_profile: str = 'linear', high_frac:
 
 def psi_kappas(grid: torch.Tensor, alpha_fn, high_mode: str = 'pure-posterior', middle_mode: str = 'pure-posterior',
                low_mode: str = 'pure-posterior', high_frac: float = 0.2, middle_frac: float = 0.6,
-               rescale_compat: bool = False) -> torch.Tensor:
+               rescale_compat: bool = False, negative_kappa: bool = False) -> torch.Tensor:
     """(n,) float64 κ for the n grid points (grid (n,) float64): the points split into high / middle /
     low segments of psi_segment_sizes(n, ...) points, each with its segment_kappas. κ[j] drives step
     j (grid[j] -> grid[j+1]); the last entry is unused."""
@@ -379,18 +390,20 @@ def psi_kappas(grid: torch.Tensor, alpha_fn, high_mode: str = 'pure-posterior', 
     alphas = alpha_fn(grid.to(torch.float64)).to(torch.float64)
     parts = ((high_mode, 'high_mode', alphas[:n_hi]), (middle_mode, 'middle_mode', alphas[n_hi:n_hi + n_mid]),
              (low_mode, 'low_mode', alphas[n_hi + n_mid:]))
-    return torch.cat([segment_kappas(mode, seg, f'sampling.psi.{key}', rescale_compat) for mode, key, seg in parts])
+    return torch.cat([segment_kappas(mode, seg, f'sampling.psi.{key}', rescale_compat, negative_kappa)
+                      for mode, key, seg in parts])
 
 
 def psi_schedule(steps: int, alpha_fn, *, time_profile: str = 'linear', high_mode: str = 'pure-posterior',
                  middle_mode: str = 'pure-posterior', low_mode: str = 'pure-posterior', high_frac: float = 0.2,
-                 middle_frac: float = 0.6, rescale_compat: bool = False, t_min: float = T_MIN,
-                 device=None) -> tuple[torch.Tensor, torch.Tensor]:
+                 middle_frac: float = 0.6, rescale_compat: bool = False, negative_kappa: bool = False,
+                 t_min: float = T_MIN, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(grid (steps + 1,) float64, kappas (steps + 1,) float64) of `sampling.predictor=psi`, the
-    arguments of sample_diffusion(grid=..., kappas=...). The defaults are the ancestral sampler."""
+    arguments of sample_diffusion(grid=..., kappas=...). The defaults are the ancestral sampler;
+    negative_kappa only for absorbing diffusion (segment_kappas)."""
     grid = psi_time_grid(steps, alpha_fn, time_profile, high_frac, middle_frac, t_min, device)
     return grid, psi_kappas(grid, alpha_fn, high_mode, middle_mode, low_mode, high_frac, middle_frac,
-                            rescale_compat).to(grid.device)
+                            rescale_compat, negative_kappa).to(grid.device)
 
 
 def psi_absorbing_probs(alpha_t: float, alpha_s: float, kappa):
@@ -398,7 +411,7 @@ def psi_absorbing_probs(alpha_t: float, alpha_s: float, kappa):
     x̂ w.p. κ(α_s - α_t)/(1 - α_t) + (1 - κ)α_s, an unmasked one is remasked w.p. (1 - κ)(1 - α_s).
 
     kappa: a float or a per-token tensor. With κ = 1 - σ/(1 - α_s) these are ReMDM's 1 - (1-α_s-σα_t)/(1-α_t)
-    and σ; any κ >= 1 - 1/α_t (σ <= (1 - α_s)/α_t) gives probabilities in [0, 1].
+    and σ; any κ in [1 - σ_max/(1 - α_s), 1], σ_max = min(1, (1 - α_s)/α_t), gives probabilities in [0, 1].
     """
     return (kappa * (alpha_s - alpha_t) / (1 - alpha_t) + (1 - kappa) * alpha_s,
             (1 - kappa) * (1 - alpha_s))
@@ -521,6 +534,10 @@ def sample_diffusion(logits_fn, batch_size: int, length: int, vocab_size: int, a
             continue  # a zero-length posterior step is the identity: no network call
         if remdm_conf or step_kappas[i] != 1:
             kappa = remdm_conf_kappa(confidence, a_t, a_s) if remdm_conf else step_kappas[i]
+            if not remdm_conf and not all(-1e-12 <= p <= 1 + 1e-12 for p in psi_absorbing_probs(a_t, a_s, kappa)):
+                raise ValueError(f"kappa={kappa} at step {i} (alpha {a_t:.6g} -> {a_s:.6g}) is not a distribution: "
+                                 f"absorbing kappas must be in [1 - min(1, (1 - alpha_s)/alpha_t)/(1 - alpha_s), 1] "
+                                 f"(sampling.psi.*_mode)")
             z = absorbing_psi_step(z, _call(logits_fn, z, grid[i]), a_t, a_s, kappa, mask_id,
                                    confidence=confidence, **draw)
             continue

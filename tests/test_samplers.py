@@ -539,13 +539,36 @@ def test_segment_kappas_match_remdm_sigmas(compat):
 
 
 def test_max_rescale_applies_eta_once():
-    """Pitfall (a): ReMDM-rescale with η = 0.05 remasks up to σ = 0.05; upstream's formula caps it at η² = 0.0025."""
+    """Pitfall (a): ReMDM-rescale with η = 0.05 remasks up to σ = 0.05; upstream caps it at η² = 0.0025."""
     alphas = torch.tensor([0.5, 0.6, 1.0], dtype=torch.float64)  # pairs: (1 - α_s)/α_t = 0.8, then α_s = 1
     kappa = samplers.segment_kappas('max-rescale-0.05', alphas)
     compat = samplers.segment_kappas('max-rescale-0.05', alphas, rescale_compat=True)
     assert (1 - kappa[0]) * 0.4 == pytest.approx(0.05 * 0.8)    # σ = η min(1, 0.8)
     assert (1 - compat[0]) * 0.4 == pytest.approx(0.0025)       # σ = η min(η, 0.8)
     assert kappa[1] == 1 and kappa[2] == 1                      # α_s = 1: nothing to re-noise
+
+
+def test_max_capped_is_remdm_cap_only_without_the_clip():
+    """Upstream's clip at 0 caps σ at 1 - α_s, which turns max-capped-η into constant-remdm-η; with
+    negative_kappa (MDLM) the remask probability (1 - κ)(1 - α_s) is ReMDM's σ (pitfall (b))."""
+    alphas = linear_alpha(samplers.time_grid(12))
+    a = alphas.tolist()
+    for eta in (0.05, 0.3, 1.0):
+        capped = samplers.segment_kappas(f'max-capped-{eta}', alphas)
+        assert torch.equal(capped, samplers.segment_kappas(f'constant-remdm-{eta}', alphas))
+        for name in ('max-capped', 'max-rescale'):
+            kappa = samplers.segment_kappas(f'{name}-{eta}', alphas, negative_kappa=True).tolist()
+            remask = [(1 - k) * (1 - a_s) for k, a_s in zip(kappa[:-1], a[1:])]
+            assert remask == pytest.approx([psi_sigma(name, eta, a_t, a_s) for a_t, a_s in zip(a[:-1], a[1:])],
+                                           abs=1e-14)
+        assert min(samplers.segment_kappas(f'max-capped-{eta}', alphas, negative_kappa=True)) < 0
+    # constant-remdm-η beyond ReMDM's bound σ <= min(1, (1 - α_s)/α_t): κ stops at 1 - σ_max/(1 - α_s)
+    kappa = samplers.segment_kappas('constant-remdm-0.9', torch.tensor([0.8, 0.9, 0.2, 0.5], dtype=torch.float64),
+                                    negative_kappa=True)
+    assert kappa.tolist() == pytest.approx([1 - 0.125 / 0.1, 1 - 1 / 0.9, 1 - 0.9 / 0.5, 1.0], abs=1e-14)
+    kappa = samplers.segment_kappas('max-capped-1.5', torch.tensor([0.2, 0.5], dtype=torch.float64),
+                                    negative_kappa=True)
+    assert kappa.tolist() == pytest.approx([1 - 1 / 0.5, 1.0], abs=1e-14)              # σ_max = min(1, 2.5)
 
 
 def test_alpha_inverse_includes_the_schedule_eps():
@@ -604,7 +627,8 @@ def psi_absorbing_dense(z, xhat, a_t, a_s, kappa):
 
 
 def test_absorbing_psi_is_remdm_pointwise():
-    """Check (1): κ = 1 - σ/(1 - α_s) is ReMDM's posterior for σ in [0, 1 - α_s], and beyond, up to (1 - α_s)/α_t."""
+    """Check (1): κ = 1 - σ/(1 - α_s) is ReMDM's posterior for σ in [0, 1 - α_s], and beyond, up to
+    ReMDM's σ_max = min(1, (1 - α_s)/α_t) (κ < 0)."""
     xhat = torch.tensor([0.5, 0.3, 0.2, 0.0], dtype=torch.float64)
     for a_t, a_s in ((0.0, 0.3), (0.2, 0.5), (0.6, 0.9), (0.7, 0.7)):
         sigma_max = 1.0 if a_t == 0 else min(1.0, (1 - a_s) / a_t)
@@ -646,6 +670,17 @@ def test_psi_steps_preserve_the_marginals_exactly(kappa):
             rows.append(row / row.sum())
         T = torch.stack(rows)
         assert torch.allclose(uniform_marginal(p, a_t) @ T, uniform_marginal(p, a_s), atol=1e-14)
+
+
+def test_absorbing_psi_preserves_the_marginals_down_to_the_lowest_kappa():
+    """MDLM: κ down to 1 - σ_max/(1 - α_s) (ReMDM's largest σ = min(1, (1 - α_s)/α_t)) is still exact."""
+    _, p = data_distribution(1)
+    xhat = torch.cat([p, torch.zeros(1, dtype=torch.float64)])
+    for a_t, a_s in PAIRS:
+        for kappa in (1 - min(1, (1 - a_s) / a_t if a_t else 1) / (1 - a_s), -0.2):
+            T = torch.stack([psi_absorbing_dense(z, xhat, a_t, a_s, kappa) for z in range(K)])
+            assert (T >= 0).all()
+            assert torch.allclose(absorbing_marginal(p, a_t) @ T, absorbing_marginal(p, a_s), atol=1e-14)
 
 
 @pytest.mark.parametrize('kind,use_float64', [('uniform', True), ('absorbing', True), ('absorbing', False)])
@@ -744,6 +779,17 @@ def test_psi_sampler_draws_the_data_distribution(kind, profile):
     assert chi_square_pvalue(counts, probs) > 1e-3
 
 
+def test_absorbing_psi_sampler_with_negative_kappas_draws_the_data_distribution():
+    seqs, p = data_distribution(1)
+    grid, kappas = samplers.psi_schedule(6, linear_alpha, low_mode='max-capped-0.6', high_frac=0, middle_frac=0,
+                                         negative_kappa=True)
+    assert (kappas < 0).any()
+    out = samplers.sample_diffusion(exact_denoiser(seqs, p, 'absorbing'), 20_000, 1, K, linear_alpha, 6,
+                                    kind='absorbing', mask_id=MASK, grid=grid, kappas=kappas,
+                                    generator=torch.Generator().manual_seed(2))
+    assert chi_square_pvalue(histogram(out, 1), target(seqs, p, 1)) > 1e-3
+
+
 @pytest.mark.parametrize('kind,cache', [('uniform', True), ('absorbing', False), ('absorbing', True)])
 def test_kappas_of_one_reproduce_the_ancestral_draws(kind, cache):
     seqs, p = data_distribution(2)
@@ -774,7 +820,7 @@ def test_absorbing_psi_caches_only_the_steps_with_kappa_one():
 def test_remdm_conf_kappa_against_a_softmax_by_hand():
     nan = math.nan
     confidence = torch.tensor([[0.9, nan, 0.2, 0.5], [nan, nan, nan, nan], [nan, 0.7, nan, nan]], dtype=torch.float64)
-    for a_t, a_s in ((0.5, 0.7), (0.0, 0.4), (0.9, 0.95)):
+    for a_t, a_s in ((0.5, 0.7), (0.0, 0.4), (0.2, 0.3), (0.9, 0.95)):   # (0.2, 0.3): σ_max = 1 < 3.5
         sigma_max = 1.0 if a_t == 0 else min(1.0, (1 - a_s) / a_t)
         expected = []
         for row in confidence.tolist():
@@ -787,7 +833,8 @@ def test_remdm_conf_kappa_against_a_softmax_by_hand():
 
 
 def test_remdm_conf_remasks_in_proportion_and_tracks_confidence():
-    """Remask frequency per position = η^ℓ σ_max (z-test); a fresh token stores x̂ of its id, a remasked one loses it."""
+    """Remask frequency per position = η^ℓ σ_max (z-test); a fresh token stores x̂ of its id, a remasked
+    one loses it."""
     n, a_t, a_s = 40_000, 0.5, 0.6
     nan = math.nan
     conf_row = torch.tensor([0.9, 0.1, 0.5, nan, nan], dtype=torch.float64)
@@ -831,6 +878,9 @@ def test_bad_psi_arguments_raise_one_clear_line():
         samplers.sample_diffusion(fn, 2, 2, K, linear_alpha, 4, kind='uniform', kappas=torch.ones(4))
     with pytest.raises(ValueError, match=r'grid must be \(5,\) non-increasing'):
         samplers.sample_diffusion(fn, 2, 2, K, linear_alpha, 4, kind='uniform', grid=samplers.time_grid(4).flip(0))
+    with pytest.raises(ValueError, match=r'kappa=-5.0 at step 1 .* is not a distribution'):
+        samplers.sample_diffusion(fn, 2, 2, K, linear_alpha, 4, kind='absorbing', mask_id=MASK,
+                                  kappas=torch.tensor([1.0, -5.0, 1.0, 1.0, 1.0], dtype=torch.float64))
     with pytest.raises(ValueError, match='ReMDM-conf is an absorbing'):
         samplers.sample_diffusion(fn, 2, 2, K, linear_alpha, 4, kind='uniform', remdm_conf=True)
     with pytest.raises(ValueError, match=r'kappa=1.5 must be in \[0, 1\]'):
