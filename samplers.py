@@ -1,5 +1,5 @@
-"""Samplers (SPEC §6): ancestral sampling of uniform-state (DUO) and absorbing (MDLM) diffusion,
-and autoregressive sampling with a KV cache.
+"""Samplers (SPEC §6, SPEC-2 §13): ancestral and Ψ sampling of uniform-state (DUO) and absorbing (MDLM)
+diffusion, and autoregressive sampling with a KV cache.
 
 Everything here is a pure function of its inputs and of `generator`. Shapes: B batch, L length,
 K classes, N = number of rows (tokens) being drawn. The denoiser is passed as a function that
@@ -13,6 +13,10 @@ returns LOGITS, so that the samplers only touch the (rows, K) slices they need:
 - SEDD `analytic` and D3PM steps (SPEC-2 §11, §12): the unmask probability of a masked token does
   depend on the network (its score mass S, resp. x̂_mask), so they take the step's logits; one pass
   per masked row gives it, then the token is drawn like the absorbing step's.
+- Ψ-samplers and ReMDM (SPEC-2 §13): each step mixes the posterior with weight κ and "predict x̂,
+  re-noise to s" with 1 - κ; per token this stays a mixture with scalar weights (uniform: the same
+  three components; absorbing: unmask w.p. p_unmask, remask w.p. p_remask). psi_schedule gives the
+  time grid and the κ of every step from the `sampling.psi.*` strings.
 
 Categorical draws are (two-level) Gumbel-max over the logits with noise drawn in float64 by
 default (low-precision noise truncates the Gumbel tail and lowers sample entropy), in row chunks
@@ -164,25 +168,28 @@ def log_softmax_at_(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 def uniform_step(z: torch.Tensor, logits: torch.Tensor, alpha_t: float, alpha_s: float,
-                 p_nucleus: float = 1.0, generator=None, use_float64: bool = True) -> torch.Tensor:
-    """One ancestral step t -> s of uniform-state diffusion (SPEC §6): z_t (B, L) -> z_s (B, L).
+                 p_nucleus: float = 1.0, generator=None, use_float64: bool = True,
+                 kappa: float = 1.0) -> torch.Tensor:
+    """One step t -> s of uniform-state diffusion: z_t (B, L) -> z_s (B, L); kappa = 1 (the default)
+    is the ancestral step of SPEC §6, kappa < 1 the Ψ-step of SPEC-2 §13.1.
 
-    logits (B, L, K): the denoiser x_θ(z_t) (modified in place: nucleus filter, log-softmax).
+    logits (B, L, K): the denoiser x_θ(z_t) (modified in place: nucleus filter, log-softmax); x̂ is
+    x_θ after the nucleus filter, so a filtered id is reachable only through the uniform component.
+    q_Ψ(z_s | z_t) = κ q(z_s | z_t, x̂) + (1 - κ) [α_s x̂' + (1 - α_s)/K · 1], with
     q(z_s | z_t, x̂) ∝ (α_s - α_t) x̂ + (K α_t x̂_{z_t} + α_t/α_s - α_t) e_{z_t}
-                      + (1 - α_t/α_s)(1 - α_s)/K · 1,
-    a mixture whose three components have the per-token weights w_x, w_keep, w_unif: pick the
-    component, then draw from x̂, keep z_t, or draw a uniform id. α_s = 1 gives the last
-    (noise-removal) step: w_unif = 0.
+                      + (1 - α_t/α_s)(1 - α_s)/K · 1
+    and x̂' ∝ (1 - α_t) x̂ + K α_t x̂_{z_t} e_{z_t}, is a mixture whose three components have per-token
+    weights (psi_uniform_weights): pick the component, then draw from x̂, keep z_t, or draw a uniform
+    id. α_s = 1 gives the last (noise-removal) step: w_unif = 0. kappa in [0, 1].
     """
+    if not 0 <= kappa <= 1:
+        raise ValueError(f"kappa={kappa} must be in [0, 1] for uniform-state diffusion (sampling.psi.*_mode)")
     B, L, K = logits.shape
     flat = logits.reshape(B * L, K)
     nucleus_filter_(flat, p_nucleus)
     ids = z.reshape(-1)
     x_at_z = torch.exp(log_softmax_at_(flat, ids))
-    alpha_ts = alpha_t / alpha_s
-    w_x = alpha_s - alpha_t
-    w_keep = K * alpha_t * x_at_z + (alpha_ts - alpha_t)
-    w_unif = (1 - alpha_ts) * (1 - alpha_s)
+    w_x, w_keep, w_unif = psi_uniform_weights(x_at_z, K, alpha_t, alpha_s, kappa)
     u = torch.rand(ids.shape, dtype=torch.float64, generator=generator, device=ids.device)
     u.mul_(w_x + w_keep + w_unif)
     out = ids.clone()
@@ -191,6 +198,22 @@ def uniform_step(z: torch.Tensor, logits: torch.Tensor, alpha_t: float, alpha_s:
     from_unif = (u >= w_x + w_keep).nonzero().squeeze(1)
     out[from_unif] = torch.randint(K, from_unif.shape, generator=generator, device=ids.device)
     return out.view(B, L)
+
+
+def psi_uniform_weights(x_at_z: torch.Tensor, K: int, alpha_t: float, alpha_s: float, kappa: float = 1.0):
+    """Unnormalised weights (w_x, w_keep, w_unif) of the uniform Ψ-step's three components (SPEC-2 §13.1).
+
+    x_at_z (N,) float64: x̂_{z_t} per token. Returns w_x (a float) and w_keep, w_unif ((N,) float64),
+    each Z = 1 - α_t + K α_t x̂_{z_t} times the weight of SPEC-2 §13.1, so that they sum to Z per token
+    (the step draws u ~ U(0, sum) and never divides). kappa = 1: the ancestral weights of SPEC §6,
+    bit for bit (the (1 - κ) terms are exact zeros).
+    """
+    alpha_ts = alpha_t / alpha_s
+    tilt = K * alpha_t * x_at_z                 # K α_t x̂_{z_t}: x̂' = [(1 - α_t) x̂ + tilt e_{z_t}] / Z
+    w_x = kappa * (alpha_s - alpha_t) + (1 - kappa) * alpha_s * (1 - alpha_t)
+    w_keep = kappa * (tilt + (alpha_ts - alpha_t)) + (1 - kappa) * alpha_s * tilt
+    w_unif = kappa * (1 - alpha_ts) * (1 - alpha_s) + (1 - kappa) * (1 - alpha_s) * (1 - alpha_t + tilt)
+    return w_x, w_keep, w_unif
 
 
 def fill_from_logits(z: torch.Tensor, positions: torch.Tensor, logits_rows: torch.Tensor, mask_id: int,
@@ -276,38 +299,299 @@ def _logsumexp_without(rows: torch.Tensor, excluded_id: int) -> torch.Tensor:
     return out
 
 
+# ---------------------------------------------------------------------------- Ψ-samplers (SPEC-2 §13)
+
+KAPPA_MODES = ('pure-posterior', 'pure-pc', 'constant-<eta>', 'constant-remdm-<eta>', 'max-capped-<eta>',
+               'max-rescale-<eta>')
+# Longest prefix first: 'constant-remdm-0.01' must not parse as 'constant-' with eta 'remdm-0.01'.
+_ETA_MODES = ('constant-remdm', 'max-capped', 'max-rescale', 'constant')
+_LCL = 'linear-constant-linear-'
+TIME_PROFILES = ('linear', _LCL + '<c>', _LCL + '<alpha level>-inv')
+
+
+def parse_kappa_mode(mode: str, key: str = 'sampling.psi.high_mode') -> tuple[str, float | None]:
+    """A κ mode string -> (name, η): ('pure-posterior', None), ('pure-pc', None), ('constant', η),
+    ('constant-remdm', η), ('max-capped', η) or ('max-rescale', η).
+
+    η is the whole text after the mode's prefix (so 'max-capped-1e-3' is 0.001, not 3: upstream
+    pitfall (c)); it must be a finite number >= 0, and <= 1 for 'constant' (κ itself). key names the
+    config key in the one-line ValueError.
+    """
+    mode = str(mode)
+    if mode in ('pure-posterior', 'pure-pc'):
+        return mode, None
+    for name in _ETA_MODES:
+        if mode.startswith(name + '-'):
+            text = mode[len(name) + 1:]
+            try:
+                eta = float(text)
+            except ValueError:
+                eta = math.nan
+            if not (math.isfinite(eta) and eta >= 0 and (name != 'constant' or eta <= 1)):
+                bound = 'in [0, 1]' if name == 'constant' else '>= 0'
+                raise ValueError(f"{key}={mode}: {text!r} after '{name}-' must be a number {bound} "
+                                 f"(e.g. {key}={name}-0.01)")
+            return name, eta
+    raise ValueError(f"{key}={mode} is unknown: use one of {', '.join(KAPPA_MODES)} (e.g. {key}=pure-posterior)")
+
+
+def segment_kappas(mode: str, alphas: torch.Tensor, key: str = 'sampling.psi.high_mode',
+                   rescale_compat: bool = False, negative_kappa: bool = False) -> torch.Tensor:
+    """κ for a segment of n consecutive grid points with signal levels alphas (n,) float64 -> (n,) float64.
+
+    pure-posterior: 1; pure-pc: 0; constant-η: η. ReMDM-like modes: for each of the n - 1 pairs
+    (α_t, α_s) = (alphas[j], alphas[j+1]), κ_j = clip(1 - σ_j / (1 - α_s), 0, 1) (κ = 1 where α_s = 1,
+    when there is nothing left to re-noise), then κ = 1 for the last point (the pair that crosses
+    into the next segment is never formed; a one-point segment is just [1], upstream pitfall (d)):
+      max-capped-η     σ = min(η, (1 - α_s)/α_t)                     (ReMDM-cap; η where α_t = 0)
+      max-rescale-η    σ = η · min(1, (1 - α_s)/α_t)                 (ReMDM-rescale; η where α_t = 0)
+                       rescale_compat: upstream's η · min(η, (1 - α_s)/α_t) (pitfall (a))
+      constant-remdm-η σ = η
+    The clip at 0 (upstream; required for uniform-state diffusion) caps σ at 1 - α_s, which makes
+    max-capped-η give exactly the κ of constant-remdm-η. negative_kappa (absorbing only, upstream
+    pitfall (b)): κ = min(1, 1 - σ/(1 - α_s)) bounded below by 1 - σ_max/(1 - α_s), σ_max =
+    min(1, (1 - α_s)/α_t) (ReMDM's bound, where MDLM's Ψ-step is still a distribution): ReMDM's σ
+    exactly for max-capped and max-rescale.
+    """
+    name, eta = parse_kappa_mode(mode, key)
+    alphas = alphas.to(torch.float64)
+    n = alphas.shape[0]
+    if name in ('pure-posterior', 'pure-pc', 'constant'):
+        return torch.full((n,), {'pure-posterior': 1.0, 'pure-pc': 0.0}.get(name, eta),
+                          dtype=torch.float64, device=alphas.device)
+    if n == 0:
+        return alphas.new_empty(0)
+    a_t, a_s = alphas[:-1], alphas[1:]
+    ratio = (1 - a_s) / a_t.clamp(min=torch.finfo(torch.float64).tiny)  # (1 - α_s)/α_t where α_t > 0
+    if name == 'max-capped':
+        sigma = torch.where(a_t > 0, ratio.clamp(max=eta), eta)
+    elif name == 'max-rescale':
+        sigma = eta * torch.where(a_t > 0, ratio.clamp(max=eta if rescale_compat else 1.0), 1.0)
+    else:
+        sigma = torch.full_like(a_t, eta)
+    remaining = 1 - a_s
+    kappa = torch.where(remaining > 0, 1 - sigma / remaining.clamp(min=torch.finfo(torch.float64).tiny), 1.0)
+    if negative_kappa:
+        sigma_max = torch.where(a_t > 0, ratio.clamp(max=1.0), 1.0)
+        lowest = torch.where(remaining > 0, 1 - sigma_max / remaining.clamp(min=torch.finfo(torch.float64).tiny), 1.0)
+    else:
+        lowest = torch.zeros_like(kappa)
+    return torch.cat([torch.maximum(kappa, lowest).clamp(max=1), alphas.new_ones(1)])
+
+
+def psi_segment_sizes(n: int, high_frac: float, middle_frac: float) -> tuple[int, int, int]:
+    """(n_hi, n_mid, n_lo) points of n: n_hi = round(high_frac n), n_mid = round(middle_frac n)
+    (Python round, half to even), n_lo = n - n_hi - n_mid (SPEC-2 §13.3)."""
+    for key, frac in (('high_frac', high_frac), ('middle_frac', middle_frac)):
+        if not 0 <= frac <= 1:
+            raise ValueError(f"sampling.psi.{key}={frac} must be in [0, 1] (e.g. sampling.psi.{key}=0.5)")
+    n_hi, n_mid = round(high_frac * n), round(middle_frac * n)
+    if n_hi + n_mid > n:
+        raise ValueError(f"sampling.psi.high_frac={high_frac} + sampling.psi.middle_frac={middle_frac} "
+                         f"must not exceed 1 (e.g. sampling.psi.high_frac=0.2 sampling.psi.middle_frac=0.6)")
+    return n_hi, n_mid, n - n_hi - n_mid
+
+
+def alpha_inverse(alpha_fn, level: float, key: str = 'sampling.psi.time_profile') -> float:
+    """The t in [0, 1] with alpha_fn(t) = level, for a decreasing schedule (bisection to float64
+    resolution; the schedule's own alpha_fn, ε included: upstream's closed forms ignore ε)."""
+    def alpha(t):
+        return float(alpha_fn(torch.tensor(t, dtype=torch.float64)))
+    if not alpha(1.0) <= level <= alpha(0.0):
+        raise ValueError(f"{key}: alpha level {level} is outside the schedule's range "
+                         f"[{alpha(1.0):.6g}, {alpha(0.0):.6g}] (e.g. {key}={_LCL}0.9-inv)")
+    lo, hi = 0.0, 1.0                      # alpha(lo) >= level >= alpha(hi)
+    while True:
+        mid = 0.5 * (lo + hi)
+        if mid in (lo, hi):
+            return lo if alpha(lo) - level <= level - alpha(hi) else hi
+        if alpha(mid) >= level:
+            lo = mid
+        else:
+            hi = mid
+
+
+def psi_time_grid(steps: int, alpha_fn, time_profile: str = 'linear', high_frac: float = 0.2,
+                  middle_frac: float = 0.6, t_min: float = T_MIN, device=None) -> torch.Tensor:
+    """(steps + 1,) float64 non-increasing times of a Ψ time profile (SPEC-2 §13.3).
+
+    'linear': time_grid. 'linear-constant-linear-c': [linspace(1, t_c, n_hi), t_c × n_mid,
+    linspace(t_c, t_min, n_lo)] over n = steps + 1 points with psi_segment_sizes, t_c = c; with the
+    suffix '-inv' c is an α level and t_c = alpha_inverse(alpha_fn, c). Needs n_hi >= 1 (the grid
+    starts at the t = 1 prior, upstream pitfall (e)), n_lo >= 1 and t_min <= t_c <= 1. The plateau
+    and its two junctions give n_mid + 1 zero-length steps.
+    """
+    key = 'sampling.psi.time_profile'
+    check_steps(steps)
+    profile = str(time_profile)
+    if profile == 'linear':
+        return time_grid(steps, t_min, device=device)
+    if not profile.startswith(_LCL):
+        raise ValueError(f"{key}={profile} is unknown: use one of {', '.join(TIME_PROFILES)} "
+                         f"(e.g. {key}={_LCL}0.9-inv)")
+    text = profile[len(_LCL):]
+    inverse = text.endswith('-inv')
+    text = text[:-len('-inv')] if inverse else text
+    try:
+        c = float(text)
+    except ValueError:
+        c = math.nan
+    if not math.isfinite(c):
+        raise ValueError(f"{key}={profile}: {text!r} after '{_LCL}' must be a number (e.g. {key}={_LCL}0.9-inv)")
+    t_c = alpha_inverse(alpha_fn, c, key) if inverse else c
+    if not t_min <= t_c <= 1:
+        raise ValueError(f"{key}={profile}: the plateau time {t_c:.6g} must be in [{t_min}, 1] "
+                         f"(e.g. {key}={_LCL}0.9-inv)")
+    n_hi, n_mid, n_lo = psi_segment_sizes(steps + 1, high_frac, middle_frac)
+    if n_hi < 1 or n_lo < 1:
+        raise ValueError(f"{key}={profile} needs at least one point in the high and the low segments; "
+                         f"sampling.steps={steps}, sampling.psi.high_frac={high_frac} and "
+                         f"sampling.psi.middle_frac={middle_frac} give {n_hi} and {n_lo} "
+                         f"(e.g. sampling.psi.high_frac=0.45 sampling.psi.middle_frac=0.5)")
+    kw = dict(dtype=torch.float64, device=device)
+    return torch.cat([torch.linspace(1.0, t_c, n_hi, **kw), torch.full((n_mid,), t_c, **kw),
+                      torch.linspace(t_c, t_min, n_lo, **kw)])
+
+
+def psi_kappas(grid: torch.Tensor, alpha_fn, high_mode: str = 'pure-posterior', middle_mode: str = 'pure-posterior',
+               low_mode: str = 'pure-posterior', high_frac: float = 0.2, middle_frac: float = 0.6,
+               rescale_compat: bool = False, negative_kappa: bool = False) -> torch.Tensor:
+    """(n,) float64 κ for the n grid points (grid (n,) float64): the points split into high / middle /
+    low segments of psi_segment_sizes(n, ...) points, each with its segment_kappas. κ[j] drives step
+    j (grid[j] -> grid[j+1]); the last entry is unused."""
+    n_hi, n_mid, _ = psi_segment_sizes(grid.shape[0], high_frac, middle_frac)
+    alphas = alpha_fn(grid.to(torch.float64)).to(torch.float64)
+    parts = ((high_mode, 'high_mode', alphas[:n_hi]), (middle_mode, 'middle_mode', alphas[n_hi:n_hi + n_mid]),
+             (low_mode, 'low_mode', alphas[n_hi + n_mid:]))
+    return torch.cat([segment_kappas(mode, seg, f'sampling.psi.{key}', rescale_compat, negative_kappa)
+                      for mode, key, seg in parts])
+
+
+def psi_schedule(steps: int, alpha_fn, *, time_profile: str = 'linear', high_mode: str = 'pure-posterior',
+                 middle_mode: str = 'pure-posterior', low_mode: str = 'pure-posterior', high_frac: float = 0.2,
+                 middle_frac: float = 0.6, rescale_compat: bool = False, negative_kappa: bool = False,
+                 t_min: float = T_MIN, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grid (steps + 1,) float64, kappas (steps + 1,) float64) of `sampling.predictor=psi`, the
+    arguments of sample_diffusion(grid=..., kappas=...). The defaults are the ancestral sampler;
+    negative_kappa only for absorbing diffusion (segment_kappas)."""
+    grid = psi_time_grid(steps, alpha_fn, time_profile, high_frac, middle_frac, t_min, device)
+    return grid, psi_kappas(grid, alpha_fn, high_mode, middle_mode, low_mode, high_frac, middle_frac,
+                            rescale_compat, negative_kappa).to(grid.device)
+
+
+def psi_absorbing_probs(alpha_t: float, alpha_s: float, kappa):
+    """(p_unmask, p_remask) of the absorbing Ψ-step (SPEC-2 §13.1): a masked token becomes a draw of
+    x̂ w.p. κ(α_s - α_t)/(1 - α_t) + (1 - κ)α_s, an unmasked one is remasked w.p. (1 - κ)(1 - α_s).
+
+    kappa: a float or a per-token tensor. With κ = 1 - σ/(1 - α_s) these are ReMDM's 1 - (1-α_s-σα_t)/(1-α_t)
+    and σ; any κ in [1 - σ_max/(1 - α_s), 1], σ_max = min(1, (1 - α_s)/α_t), gives probabilities in [0, 1].
+    """
+    return (kappa * (alpha_s - alpha_t) / (1 - alpha_t) + (1 - kappa) * alpha_s,
+            (1 - kappa) * (1 - alpha_s))
+
+
+def absorbing_psi_step(z: torch.Tensor, logits: torch.Tensor, alpha_t: float, alpha_s: float, kappa,
+                       mask_id: int, fixed: torch.Tensor | None = None, confidence: torch.Tensor | None = None,
+                       p_nucleus: float = 1.0, generator=None, use_float64: bool = True) -> torch.Tensor:
+    """One Ψ-step t -> s of absorbing (MDLM) diffusion: z_t (B, L) -> z_s (B, L) (a new tensor).
+
+    logits (B, L, K): the denoiser on the whole batch at z_t (only the rows of the tokens that unmask
+    are read; x̂ = SUBS x_θ: [MASK] logit -inf, then the nucleus filter). kappa: a float or (B, L)
+    per-token tensor (psi_absorbing_probs). fixed (B, L) bool: positions never changed (prompts).
+    confidence (B, L) float64, the ReMDM-conf state (remdm_conf_kappa), updated in place: a token
+    that unmasks stores x̂ of its drawn id, a remasked one loses it (NaN). kappa = 1 draws the same
+    as the uncached ancestral step of sample_diffusion.
+    """
+    masked = z == mask_id
+    p_unmask, p_remask = psi_absorbing_probs(alpha_t, alpha_s, kappa)
+    u = torch.rand(z.shape, dtype=torch.float64, generator=generator, device=z.device)
+    unmask = masked & (u < p_unmask)
+    remask = ~masked & (u < p_remask)
+    if fixed is not None:
+        unmask &= ~fixed
+        remask &= ~fixed
+    out = z.masked_fill(remask, mask_id)
+    positions = unmask.nonzero()
+    rows = logits[positions[:, 0], positions[:, 1]].float()        # (n, K), a copy
+    rows[:, mask_id] = float('-inf')
+    nucleus_filter_(rows, p_nucleus)
+    drawn = gumbel_argmax(rows, generator, use_float64)
+    out[positions[:, 0], positions[:, 1]] = drawn
+    if confidence is not None:
+        confidence[remask] = math.nan
+        confidence[positions[:, 0], positions[:, 1]] = log_softmax_at_(rows, drawn).exp()
+    return out
+
+
+def remdm_conf_kappa(confidence: torch.Tensor, alpha_t: float, alpha_s: float) -> torch.Tensor:
+    """Per-token κ (B, L) float64 of ReMDM-conf (SPEC-2 §13.6) for the step t -> s.
+
+    confidence (B, L) float64: ψ^ℓ, x̂'s probability of the token at ℓ when it was unmasked; NaN where
+    there is none (masked, never decoded by the sampler, remasked; start from all NaN). σ^ℓ = η^ℓ σ_max
+    with η = softmax over the positions that have a ψ of -ψ (0 elsewhere) and σ_max = min(1, (1 -
+    α_s)/α_t) (1 where α_t = 0); κ^ℓ = 1 - σ^ℓ/(1 - α_s), unclipped (any σ <= σ_max is a valid MDLM
+    step), and 1 where α_s = 1. Positions without a ψ get κ = 1: the plain posterior.
+    """
+    decoded = ~confidence.isnan()
+    eta = (-confidence).masked_fill(~decoded, float('-inf')).softmax(-1)
+    eta = torch.where(decoded, eta, 0.0)            # a row with nothing decoded: NaN from the softmax -> 0
+    if alpha_s >= 1:
+        return torch.ones_like(confidence)
+    sigma_max = min(1.0, (1 - alpha_s) / alpha_t) if alpha_t > 0 else 1.0
+    return 1 - eta * (sigma_max / (1 - alpha_s))
+
+
 # ---------------------------------------------------------------------------- samplers
 
 def sample_diffusion(logits_fn, batch_size: int, length: int, vocab_size: int, alpha_fn, steps: int, *,
                      kind: str, mask_id: int | None = None, noise_removal: str = 'ancestral',
                      p_nucleus: float = 1.0, use_float64: bool = True, cache: bool = True,
-                     generator=None, device=None, progress: bool = False, t_min: float = T_MIN) -> torch.Tensor:
-    """Ancestral sampling over the grid t_0 = 1 > ... > t_S = t_min; returns ids (B, L) int64.
+                     generator=None, device=None, progress: bool = False, t_min: float = T_MIN,
+                     grid: torch.Tensor | None = None, kappas: torch.Tensor | None = None,
+                     remdm_conf: bool = False) -> torch.Tensor:
+    """Ancestral or Ψ sampling over a time grid t_0 = 1 > ... > t_S; returns ids (B, L) int64.
 
     logits_fn(z (b, L) int64, t (b,) float32) -> denoiser logits (b, L, K), any float dtype; it may
     be called on a subset of the batch (b <= B), and may write every call's logits into one buffer
     (a step is done with its logits before the next call). alpha_fn(t float64 tensor) -> α_t, elementwise.
     kind: 'uniform' starts from uniform ids over the K classes; 'absorbing' from all-[MASK]
     (mask_id). noise_removal after the S steps: 'ancestral' (one more step to α_s = 1), 'greedy'
-    (argmax of x̂ at t_min, the Greedy-Tail) or 'none'; the first two cost one extra forward.
+    (argmax of x̂ at t_S, the Greedy-Tail) or 'none'; the first two cost one extra forward.
+    grid: (S + 1,) float64 non-increasing times (psi_schedule; zero-length steps allowed), default
+    time_grid(steps, t_min). kappas: (S + 1,) float64 Ψ weights, kappas[i] for step i (the last one
+    unused; SPEC-2 §13); None: every step ancestral (κ = 1). A zero-length step with κ = 1 is the
+    identity and skipped (no network call). remdm_conf (absorbing, kappas None):
+    ReMDM-conf, per-token κ from the confidences of the decoded tokens (remdm_conf_kappa).
     cache (absorbing only; ignored for uniform, where every token can change at every step):
     True runs the network only on the sequences that have a token to fill at this step, which is
-    exact for any absorbing denoiser (x̂ is evaluated at the current z_t and t); False runs it on the
-    whole batch at every step (the plain ancestral sampler).
+    exact for any absorbing denoiser (x̂ is evaluated at the current z_t and t), so it is used at the
+    steps with κ = 1 (with κ < 1 any token may change: the network sees the whole batch); False
+    runs it on the whole batch at every step (the plain ancestral sampler).
     """
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r} is unknown; use 'uniform' (duo, duo_base) or 'absorbing' (mdlm)")
     check_steps(steps)
     check_noise_removal(noise_removal)
     check_p_nucleus(p_nucleus)
-    grid = time_grid(steps, t_min, device=device)
-    alphas = alpha_fn(grid).double().tolist()
+    if grid is None:
+        grid = time_grid(steps, t_min, device=device)
+    elif tuple(grid.shape) != (steps + 1,) or not bool((grid[1:] <= grid[:-1]).all()):
+        raise ValueError(f"grid must be ({steps + 1},) non-increasing times for sampling.steps={steps}, "
+                         f"got shape {tuple(grid.shape)}")
+    if kappas is not None and tuple(kappas.shape) != (steps + 1,):
+        raise ValueError(f"kappas must have shape ({steps + 1},) for sampling.steps={steps}, got {tuple(kappas.shape)}")
+    if remdm_conf and (kind != 'absorbing' or kappas is not None):
+        raise ValueError("ReMDM-conf is an absorbing (mdlm) sampler and sets its own kappas (sampling.psi.*)")
+    alphas = alpha_fn(grid.double()).double().tolist()
+    step_kappas = [1.0] * steps if kappas is None else kappas.double().tolist()[:steps]
     draw = dict(p_nucleus=p_nucleus, generator=generator, use_float64=use_float64)
     shape = (batch_size, length)
     if kind == 'uniform':
         z = torch.randint(vocab_size, shape, generator=generator, device=device)
         for i in progress_steps(range(steps), 'sampling', unit='steps', enabled=progress):
-            z = uniform_step(z, _call(logits_fn, z, grid[i]), alphas[i], alphas[i + 1], **draw)
+            if alphas[i] != alphas[i + 1] or step_kappas[i] != 1:  # else the identity: no network call
+                z = uniform_step(z, _call(logits_fn, z, grid[i]), alphas[i], alphas[i + 1],
+                                 kappa=step_kappas[i], **draw)
         if noise_removal == 'ancestral':
             z = uniform_step(z, _call(logits_fn, z, grid[-1]), alphas[-1], 1.0, **draw)
         elif noise_removal == 'greedy':
@@ -316,8 +600,20 @@ def sample_diffusion(logits_fn, batch_size: int, length: int, vocab_size: int, a
     if mask_id is None or not 0 <= mask_id < vocab_size:
         raise ValueError(f"absorbing sampling needs mask_id in [0, {vocab_size}), got {mask_id}")
     z = torch.full(shape, mask_id, dtype=torch.long, device=device)
+    confidence = torch.full(shape, math.nan, dtype=torch.float64, device=device) if remdm_conf else None
     for i in progress_steps(range(steps), 'sampling', unit='steps', enabled=progress):
         a_t, a_s = alphas[i], alphas[i + 1]
+        if a_t == a_s and step_kappas[i] == 1 and not remdm_conf:
+            continue  # a zero-length posterior step is the identity: no network call
+        if remdm_conf or step_kappas[i] != 1:
+            kappa = remdm_conf_kappa(confidence, a_t, a_s) if remdm_conf else step_kappas[i]
+            if not remdm_conf and not all(-1e-12 <= p <= 1 + 1e-12 for p in psi_absorbing_probs(a_t, a_s, kappa)):
+                raise ValueError(f"kappa={kappa} at step {i} (alpha {a_t:.6g} -> {a_s:.6g}) is not a distribution: "
+                                 f"absorbing kappas must be in [1 - min(1, (1 - alpha_s)/alpha_t)/(1 - alpha_s), 1] "
+                                 f"(sampling.psi.*_mode)")
+            z = absorbing_psi_step(z, _call(logits_fn, z, grid[i]), a_t, a_s, kappa, mask_id,
+                                   confidence=confidence, **draw)
+            continue
         u = torch.rand(shape, dtype=torch.float64, generator=generator, device=device)
         unmask = (z == mask_id) & (u < (a_s - a_t) / (1 - a_t))
         _absorbing_fill(logits_fn, z, unmask, grid[i], cache, mask_id, **draw)

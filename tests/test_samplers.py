@@ -590,3 +590,418 @@ def test_d3pm_last_step_draws_xhat_without_the_mask_and_keeps_unmasked_tokens():
     restricted[MASK_S] = 0
     assert chi_square_pvalue(counts[0], restricted / restricted.sum()) > 1e-3
     assert counts[1, 3] == counts[1].sum()
+# ------------------------------------------------------------------------- Ψ-samplers (SPEC-2 §13)
+
+def psi_sigma(name, eta, a_t, a_s, compat=False):
+    """ReMDM's σ for one pair of signal levels, from the ReMDM paper's definitions (Python floats)."""
+    if name == 'constant-remdm':
+        return eta
+    if name == 'max-capped':                                   # ReMDM-cap
+        return eta if a_t == 0 else min(eta, (1 - a_s) / a_t)
+    cap = eta if compat else 1.0                               # ReMDM-rescale: η σ_max; upstream: η min(η, .)
+    return eta * (1.0 if a_t == 0 else min(cap, (1 - a_s) / a_t))
+
+
+@pytest.mark.parametrize('mode,expected', [
+    ('pure-posterior', ('pure-posterior', None)), ('pure-pc', ('pure-pc', None)),
+    ('constant-0.3', ('constant', 0.3)), ('constant-remdm-0.01', ('constant-remdm', 0.01)),
+    ('max-capped-1e-3', ('max-capped', 0.001)), ('max-rescale-0.05', ('max-rescale', 0.05)),
+    ('max-capped-2', ('max-capped', 2.0))])
+def test_kappa_mode_parsing(mode, expected):
+    assert samplers.parse_kappa_mode(mode) == expected
+
+
+@pytest.mark.parametrize('mode', ['posterior', 'pure-posterior-1', 'max-capped-', 'max-capped-x', 'constant-1.5',
+                                  'constant-remdm-nan', 'max-rescale--0.1', 'max-capped-inf', 'max-remdm-0.1'])
+def test_malformed_kappa_modes_raise_one_line_naming_the_key(mode):
+    with pytest.raises(ValueError, match=r'^sampling\.psi\.middle_mode=') as info:
+        samplers.psi_kappas(samplers.time_grid(4), linear_alpha, middle_mode=mode)
+    assert '\n' not in str(info.value) and 'e.g. sampling.psi.middle_mode=' in str(info.value)
+
+
+@pytest.mark.parametrize('kw,match', [
+    (dict(time_profile='cosine'), r'sampling\.psi\.time_profile=cosine is unknown'),
+    (dict(time_profile='linear-constant-linear-abc'), r"'abc' after"),
+    (dict(time_profile='linear-constant-linear-0.2-inv', alpha_fn=lambda t: 0.5 + 0.5 * (1 - t)),
+     r'alpha level 0.2 is outside'),
+    (dict(time_profile='linear-constant-linear-1.5'), r'plateau time 1.5 must be in'),
+    (dict(time_profile='linear-constant-linear-0.5', high_frac=0.0), r'high and the low segments'),
+    (dict(time_profile='linear-constant-linear-0.5', high_frac=0.6, middle_frac=0.4), r'high and the low segments'),
+    (dict(high_frac=0.7, middle_frac=0.6), r'must not exceed 1'),
+    (dict(middle_frac=-0.1), r'sampling\.psi\.middle_frac=-0.1 must be in \[0, 1\]')])
+def test_malformed_time_profiles_raise_one_line(kw, match):
+    kw = dict(dict(alpha_fn=linear_alpha), **kw)
+    with pytest.raises(ValueError, match=match) as info:
+        samplers.psi_schedule(8, kw.pop('alpha_fn'), **kw)
+    assert '\n' not in str(info.value)
+
+
+@pytest.mark.parametrize('compat', [False, True])
+def test_segment_kappas_match_remdm_sigmas(compat):
+    """Every mode on a cosine segment that starts at α = 0 (σ = η there), against ReMDM's σ per pair."""
+    from noise_schedule import Cosine
+    times = torch.tensor([1.0, 0.9, 0.7, 0.5, 0.45, 0.45, 0.2, 0.05, 0.01], dtype=torch.float64)
+    alphas = Cosine(0.0).alpha(times)
+    assert alphas[0] < 1e-15
+    alphas[0] = 0.0
+    for name in ('max-capped', 'max-rescale', 'constant-remdm'):
+        for eta in (0.002, 0.05, 0.5, 1.0):
+            got = samplers.segment_kappas(f'{name}-{eta}', alphas, rescale_compat=compat)
+            a = alphas.tolist()
+            expected = [min(1.0, max(0.0, 1 - psi_sigma(name, eta, a_t, a_s, compat) / (1 - a_s)))
+                        for a_t, a_s in zip(a[:-1], a[1:])] + [1.0]
+            assert got.dtype == torch.float64 and got.tolist() == pytest.approx(expected, abs=1e-14)
+    assert samplers.segment_kappas('constant-0.3', alphas).tolist() == [0.3] * 9
+    assert samplers.segment_kappas('pure-pc', alphas).tolist() == [0.0] * 9
+    # a one-point segment under a ReMDM-like mode is [1] (upstream: no values, pitfall (d)); an empty one is []
+    assert samplers.segment_kappas('max-capped-0.1', alphas[:1]).tolist() == [1.0]
+    assert samplers.segment_kappas('max-capped-0.1', alphas[:0]).tolist() == []
+
+
+def test_max_rescale_applies_eta_once():
+    """Pitfall (a): ReMDM-rescale with η = 0.05 remasks up to σ = 0.05; upstream caps it at η² = 0.0025."""
+    alphas = torch.tensor([0.5, 0.6, 1.0], dtype=torch.float64)  # pairs: (1 - α_s)/α_t = 0.8, then α_s = 1
+    kappa = samplers.segment_kappas('max-rescale-0.05', alphas)
+    compat = samplers.segment_kappas('max-rescale-0.05', alphas, rescale_compat=True)
+    assert (1 - kappa[0]) * 0.4 == pytest.approx(0.05 * 0.8)    # σ = η min(1, 0.8)
+    assert (1 - compat[0]) * 0.4 == pytest.approx(0.0025)       # σ = η min(η, 0.8)
+    assert kappa[1] == 1 and kappa[2] == 1                      # α_s = 1: nothing to re-noise
+
+
+def test_max_capped_is_remdm_cap_only_without_the_clip():
+    """Upstream's clip at 0 caps σ at 1 - α_s, which turns max-capped-η into constant-remdm-η; with
+    negative_kappa (MDLM) the remask probability (1 - κ)(1 - α_s) is ReMDM's σ (pitfall (b))."""
+    alphas = linear_alpha(samplers.time_grid(12))
+    a = alphas.tolist()
+    for eta in (0.05, 0.3, 1.0):
+        capped = samplers.segment_kappas(f'max-capped-{eta}', alphas)
+        assert torch.equal(capped, samplers.segment_kappas(f'constant-remdm-{eta}', alphas))
+        for name in ('max-capped', 'max-rescale'):
+            kappa = samplers.segment_kappas(f'{name}-{eta}', alphas, negative_kappa=True).tolist()
+            remask = [(1 - k) * (1 - a_s) for k, a_s in zip(kappa[:-1], a[1:])]
+            assert remask == pytest.approx([psi_sigma(name, eta, a_t, a_s) for a_t, a_s in zip(a[:-1], a[1:])],
+                                           abs=1e-14)
+        assert min(samplers.segment_kappas(f'max-capped-{eta}', alphas, negative_kappa=True)) < 0
+    # constant-remdm-η beyond ReMDM's bound σ <= min(1, (1 - α_s)/α_t): κ stops at 1 - σ_max/(1 - α_s)
+    kappa = samplers.segment_kappas('constant-remdm-0.9', torch.tensor([0.8, 0.9, 0.2, 0.5], dtype=torch.float64),
+                                    negative_kappa=True)
+    assert kappa.tolist() == pytest.approx([1 - 0.125 / 0.1, 1 - 1 / 0.9, 1 - 0.9 / 0.5, 1.0], abs=1e-14)
+    kappa = samplers.segment_kappas('max-capped-1.5', torch.tensor([0.2, 0.5], dtype=torch.float64),
+                                    negative_kappa=True)
+    assert kappa.tolist() == pytest.approx([1 - 1 / 0.5, 1.0], abs=1e-14)              # σ_max = min(1, 2.5)
+
+
+def test_alpha_inverse_includes_the_schedule_eps():
+    from noise_schedule import Cosine, LogLinear
+    eps = 1e-3
+    for c in (0.5, 0.9, 0.99):
+        loglinear = (1 - c) / (1 - eps)
+        cosine = (1 - 2 / math.pi * math.acos(1 - c)) / (1 - eps)
+        assert samplers.alpha_inverse(LogLinear(eps).alpha, c) == pytest.approx(loglinear, abs=1e-14)
+        assert samplers.alpha_inverse(Cosine(eps).alpha, c) == pytest.approx(cosine, abs=1e-14)
+        assert abs(loglinear - (1 - c)) > 1e-5                   # upstream's get_t_for_alpha ignores eps
+
+
+def test_worked_example_of_the_loop_profile():
+    """SPEC-2 §13.3: OWT loop, S = 256, linear-constant-linear-0.9-inv, fracs 0.45 / 0.5, constant-remdm-0.01."""
+    from noise_schedule import LogLinear
+    schedule = LogLinear(1e-3)
+    kw = dict(middle_mode='constant-remdm-0.01', high_frac=0.45, middle_frac=0.5)
+    assert samplers.psi_segment_sizes(257, 0.45, 0.5) == (116, 128, 13)
+    grid, kappas = samplers.psi_schedule(256, schedule.alpha, time_profile='linear-constant-linear-0.9-inv', **kw)
+    t_c = 0.1 / 0.999                                            # α(t_c) = 0.9 with ε = 1e-3
+    assert grid.shape == kappas.shape == (257,) and grid.dtype == torch.float64
+    assert grid[0] == 1 and grid[-1] == 1e-5 and grid[115].item() == pytest.approx(t_c, abs=1e-15)
+    dt = (grid[:-1] - grid[1:]).tolist()
+    assert [i for i, d in enumerate(dt) if d == 0] == list(range(115, 244))   # n_mid + 1 zero-length steps
+    assert dt[:115] == pytest.approx([(1 - t_c) / 115] * 115, rel=1e-9)        # steps 0-114: 1 -> t_c
+    assert dt[244:] == pytest.approx([(t_c - 1e-5) / 12] * 12, rel=1e-9)       # steps 244-255: t_c -> 1e-5
+    expected = [1.0] * 116 + [0.9] * 127 + [1.0] * 14                          # 1 - 0.01/(1 - 0.9)
+    assert kappas.tolist() == pytest.approx(expected, abs=1e-12)
+    # upstream's t_c = 1 - c ignores ε: α(0.1) = 0.9001 and κ = 1 - 0.01/0.0999, the spec's ≈ 0.8999
+    _, kappas = samplers.psi_schedule(256, schedule.alpha, time_profile='linear-constant-linear-0.1', **kw)
+    assert kappas[116:243].tolist() == pytest.approx([1 - 0.01 / (0.999 * 0.1)] * 127, abs=1e-12)
+    assert round(kappas[116].item(), 4) == 0.8999
+
+
+def test_psi_defaults_are_the_ancestral_grid():
+    grid, kappas = samplers.psi_schedule(10, linear_alpha)
+    assert torch.equal(grid, samplers.time_grid(10)) and kappas.tolist() == [1.0] * 11
+
+
+def remdm_posterior(z, xhat, a_t, a_s, sigma):
+    """ReMDM's q_σ(z_s | z_t, x̂) for one token (K,) from the ReMDM paper (x̂ has no mass on MASK)."""
+    mask = F.one_hot(torch.tensor(MASK), K).double()
+    if z != MASK:
+        return (1 - sigma) * F.one_hot(torch.tensor(z), K).double() + sigma * mask
+    return (a_s - (1 - sigma) * a_t) / (1 - a_t) * xhat + (1 - a_s - sigma * a_t) / (1 - a_t) * mask
+
+
+def psi_absorbing_dense(z, xhat, a_t, a_s, kappa):
+    """The absorbing Ψ-step's distribution (K,) for one token, from psi_absorbing_probs."""
+    p_unmask, p_remask = samplers.psi_absorbing_probs(a_t, a_s, kappa)
+    mask = F.one_hot(torch.tensor(MASK), K).double()
+    if z != MASK:
+        return (1 - p_remask) * F.one_hot(torch.tensor(z), K).double() + p_remask * mask
+    return p_unmask * xhat + (1 - p_unmask) * mask
+
+
+def test_absorbing_psi_is_remdm_pointwise():
+    """Check (1): κ = 1 - σ/(1 - α_s) is ReMDM's posterior for σ in [0, 1 - α_s], and beyond, up to
+    ReMDM's σ_max = min(1, (1 - α_s)/α_t) (κ < 0)."""
+    xhat = torch.tensor([0.5, 0.3, 0.2, 0.0], dtype=torch.float64)
+    for a_t, a_s in ((0.0, 0.3), (0.2, 0.5), (0.6, 0.9), (0.7, 0.7)):
+        sigma_max = 1.0 if a_t == 0 else min(1.0, (1 - a_s) / a_t)
+        for sigma in torch.linspace(0, sigma_max, 9).tolist():
+            for z in range(K):
+                got = psi_absorbing_dense(z, xhat, a_t, a_s, 1 - sigma / (1 - a_s))
+                assert torch.allclose(got, remdm_posterior(z, xhat, a_t, a_s, sigma), atol=1e-14)
+
+
+def absorbing_marginal(p, alpha):
+    return torch.cat([alpha * p, torch.tensor([1 - alpha], dtype=torch.float64)])
+
+
+def uniform_marginal(p, alpha):
+    return alpha * torch.cat([p, torch.zeros(1, dtype=torch.float64)]) + (1 - alpha) / K
+
+
+PAIRS = [(0.0, 0.25), (0.3, 0.6), (0.5, 0.5), (0.8, 0.95)]
+
+
+@pytest.mark.parametrize('kappa', [0.0, 0.3, 1.0])
+def test_psi_steps_preserve_the_marginals_exactly(kappa):
+    """Check (2), exact sums: L = 1, exact denoiser, Σ_{z_t} q_t(z_t) q_Ψ(z_s | z_t) = q_s(z_s)."""
+    _, p = data_distribution(1)
+    for a_t, a_s in PAIRS:
+        # absorbing: x̂ = p(x | z_t = MASK) = p; an unmasked row is e_{z_t}
+        xhat = torch.cat([p, torch.zeros(1, dtype=torch.float64)])
+        T = torch.stack([psi_absorbing_dense(z, xhat, a_t, a_s, kappa) for z in range(K)])
+        assert torch.allclose(absorbing_marginal(p, a_t) @ T, absorbing_marginal(p, a_s), atol=1e-14)
+        # uniform: x_θ ∝ p(x | z_t) / q(z_t | x), written literally (for L = 1 it is p for every z_t)
+        rows = []
+        for z in range(K):
+            lik = a_t * F.one_hot(torch.tensor(z), K).double() + (1 - a_t) / K
+            post = xhat * lik / (xhat * lik).sum()
+            x_theta = torch.where(xhat > 0, post / lik, 0.0)
+            x_theta = x_theta / x_theta.sum()
+            w_x, w_keep, w_unif = samplers.psi_uniform_weights(x_theta[z:z + 1], K, a_t, a_s, kappa)
+            row = w_x * x_theta + w_keep * F.one_hot(torch.tensor(z), K).double() + w_unif / K
+            rows.append(row / row.sum())
+        T = torch.stack(rows)
+        assert torch.allclose(uniform_marginal(p, a_t) @ T, uniform_marginal(p, a_s), atol=1e-14)
+
+
+def test_absorbing_psi_preserves_the_marginals_down_to_the_lowest_kappa():
+    """MDLM: κ down to 1 - σ_max/(1 - α_s) (ReMDM's largest σ = min(1, (1 - α_s)/α_t)) is still exact."""
+    _, p = data_distribution(1)
+    xhat = torch.cat([p, torch.zeros(1, dtype=torch.float64)])
+    for a_t, a_s in PAIRS:
+        for kappa in (1 - min(1, (1 - a_s) / a_t if a_t else 1) / (1 - a_s), -0.2):
+            T = torch.stack([psi_absorbing_dense(z, xhat, a_t, a_s, kappa) for z in range(K)])
+            assert (T >= 0).all()
+            assert torch.allclose(absorbing_marginal(p, a_t) @ T, absorbing_marginal(p, a_s), atol=1e-14)
+
+
+@pytest.mark.parametrize('kind,use_float64', [('uniform', True), ('absorbing', True), ('absorbing', False)])
+def test_psi_step_samples_preserve_the_marginals(kind, use_float64):
+    """Check (2), Monte Carlo on the step functions: z_t ~ q_t, one Ψ-step (κ = 0.3) -> z_s ~ q_s.
+    use_float64=False: the absorbing step works in float32 (upstream pitfall (f))."""
+    _, p = data_distribution(1)
+    g = torch.Generator().manual_seed(7)
+    n, (a_t, a_s), kappa = 60_000, (0.3, 0.6), 0.3
+    marginal = uniform_marginal if kind == 'uniform' else absorbing_marginal
+    z = torch.multinomial(marginal(p, a_t), n, replacement=True, generator=g)[:, None]
+    logits = exact_denoiser(*data_distribution(1), kind)(z, torch.full((n,), 1 - a_t)).float()
+    if kind == 'uniform':
+        out = samplers.uniform_step(z, logits, a_t, a_s, generator=g, kappa=kappa)
+    else:
+        out = samplers.absorbing_psi_step(z, logits, a_t, a_s, kappa, MASK, generator=g, use_float64=use_float64)
+    counts = torch.bincount(out.flatten(), minlength=K).double()
+    assert chi_square_pvalue(counts, marginal(p, a_s)) > 1e-3
+
+
+def dense_psi_uniform(zt, xhat, a_t, a_s, kappa):
+    """κ·posterior + (1-κ)·[α_s x̂' + (1-α_s)/K], x̂' = the posterior at α_s = 1 (SPEC-2 §13.1), dense."""
+    K_ = xhat.shape[0]
+    x0 = dense_uniform_posterior(zt, xhat, a_t, 1.0)
+    return kappa * dense_uniform_posterior(zt, xhat, a_t, a_s) + (1 - kappa) * (a_s * x0 + (1 - a_s) / K_)
+
+
+def test_psi_uniform_weights_are_the_dense_mixture():
+    """Check (3): K = 5, float64: the three weights give κ·posterior + (1-κ)·renoise, and sum to Z."""
+    g = torch.Generator().manual_seed(3)
+    xhat = (torch.randn(5, generator=g, dtype=torch.float64) * 1.5).softmax(0)
+    for a_t, a_s in ((0.0, 0.2), (0.1, 0.3), (0.6, 0.6), (0.9, 1.0)):
+        for kappa in (0.0, 0.3, 0.8, 1.0):
+            for zt in (0, 3):
+                w_x, w_keep, w_unif = samplers.psi_uniform_weights(xhat[zt:zt + 1], 5, a_t, a_s, kappa)
+                e = F.one_hot(torch.tensor(zt), 5).double()
+                total = w_x + w_keep + w_unif
+                assert total.item() == pytest.approx(1 - a_t + 5 * a_t * xhat[zt].item(), abs=1e-14)
+                mixture = (w_x * xhat + w_keep * e + w_unif / 5) / total
+                assert torch.allclose(mixture, dense_psi_uniform(zt, xhat, a_t, a_s, kappa), atol=1e-14)
+
+
+def test_uniform_psi_step_with_nucleus_matches_the_dense_mixture():
+    """§13.4: x_θ is truncated before the tilt; a filtered z_t (id 4) keeps no x̂ mass, only the uniform part."""
+    logits, logits_fn = fixed_logits(6)
+    xhat = torch.tensor([0.45, 0.3, 0.1, 0, 0, 0], dtype=torch.float64) / 0.85    # the 0.8-nucleus
+    g = torch.Generator().manual_seed(4)
+    n = 40_000
+    for zt in (1, 4):
+        z = torch.full((n, 1), zt)
+        out = samplers.uniform_step(z, logits_fn(z, None), 0.4, 0.7, p_nucleus=0.8, generator=g, kappa=0.3)
+        counts = torch.bincount(out.flatten(), minlength=6).double()
+        assert chi_square_pvalue(counts, dense_psi_uniform(zt, xhat, 0.4, 0.7, 0.3)) > 1e-3
+
+
+def test_zero_length_step_with_kappa_one_is_the_identity():
+    """Check (5): s = t, κ = 1 leaves z unchanged; κ < 1 re-noises (a test that can fail)."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 8, 7, generator=g)
+    z = torch.randint(7, (64, 8), generator=g)
+    assert torch.equal(samplers.uniform_step(z, logits.clone(), 0.4, 0.4, generator=g), z)
+    assert not torch.equal(samplers.uniform_step(z, logits.clone(), 0.4, 0.4, generator=g, kappa=0.5), z)
+    z[:, ::2] = 6
+    assert torch.equal(samplers.absorbing_psi_step(z, logits, 0.4, 0.4, 1.0, 6, generator=g), z)
+    assert not torch.equal(samplers.absorbing_psi_step(z, logits, 0.4, 0.4, 0.5, 6, generator=g), z)
+
+
+def test_absorbing_psi_step_never_changes_fixed_positions():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randint(6, (200, 6), generator=g)
+    z[:, 3:] = 6
+    fixed = torch.zeros(200, 6, dtype=torch.bool)
+    fixed[:, :2] = True
+    out = samplers.absorbing_psi_step(z, torch.randn(200, 6, 7, generator=g), 0.2, 0.3, 0.0, 6, fixed=fixed,
+                                      generator=g)
+    assert torch.equal(out[:, :2], z[:, :2])
+    assert (out[:, 2] == 6).any() and (out[:, 3:] != 6).any()   # the others are remasked / unmasked
+
+
+PROFILES = [  # (time profile, high / middle / low modes): every mode, zero-length steps, κ = 0 and κ = 1
+    ('linear-constant-linear-0.5', 'max-capped-0.3', 'constant-remdm-0.2', 'max-rescale-0.5'),
+    ('linear-constant-linear-0.6-inv', 'pure-pc', 'constant-0.4', 'pure-posterior')]
+
+
+@pytest.mark.parametrize('kind', ['uniform', 'absorbing'])
+@pytest.mark.parametrize('profile', PROFILES)
+def test_psi_sampler_draws_the_data_distribution(kind, profile):
+    """L = 1, exact denoiser: every Ψ-step preserves the marginals, so the samples follow the data."""
+    seqs, p = data_distribution(1)
+    grid, kappas = samplers.psi_schedule(7, linear_alpha, time_profile=profile[0], high_mode=profile[1],
+                                         middle_mode=profile[2], low_mode=profile[3], high_frac=0.3, middle_frac=0.4)
+    assert (grid[1:] == grid[:-1]).any() and (kappas[:-1] < 1).any()
+    out = samplers.sample_diffusion(exact_denoiser(seqs, p, kind), 20_000, 1, K, linear_alpha, 7, kind=kind,
+                                    mask_id=MASK, grid=grid, kappas=kappas, generator=torch.Generator().manual_seed(2))
+    counts, probs = histogram(out, 1), target(seqs, p, 1)
+    assert chi_square_pvalue(counts, probs) > 1e-3
+
+
+def test_absorbing_psi_sampler_with_negative_kappas_draws_the_data_distribution():
+    seqs, p = data_distribution(1)
+    grid, kappas = samplers.psi_schedule(6, linear_alpha, low_mode='max-capped-0.6', high_frac=0, middle_frac=0,
+                                         negative_kappa=True)
+    assert (kappas < 0).any()
+    out = samplers.sample_diffusion(exact_denoiser(seqs, p, 'absorbing'), 20_000, 1, K, linear_alpha, 6,
+                                    kind='absorbing', mask_id=MASK, grid=grid, kappas=kappas,
+                                    generator=torch.Generator().manual_seed(2))
+    assert chi_square_pvalue(histogram(out, 1), target(seqs, p, 1)) > 1e-3
+
+
+@pytest.mark.parametrize('kind,cache', [('uniform', True), ('absorbing', False), ('absorbing', True)])
+def test_kappas_of_one_reproduce_the_ancestral_draws(kind, cache):
+    seqs, p = data_distribution(2)
+    kw = dict(kind=kind, mask_id=MASK, cache=cache, p_nucleus=0.9)
+    base = samplers.sample_diffusion(exact_denoiser(seqs, p, kind), 256, 2, K, linear_alpha, 6,
+                                     generator=torch.Generator().manual_seed(5), **kw)
+    psi = samplers.sample_diffusion(exact_denoiser(seqs, p, kind), 256, 2, K, linear_alpha, 6,
+                                    generator=torch.Generator().manual_seed(5), grid=samplers.time_grid(6),
+                                    kappas=torch.ones(7, dtype=torch.float64), **kw)
+    assert torch.equal(base, psi)
+
+
+def test_absorbing_psi_caches_only_the_steps_with_kappa_one():
+    """κ < 1: the whole batch; κ = 1: the cached step; a zero-length κ = 1 step: no call at all."""
+    seqs, p = data_distribution(2)
+    grid = torch.tensor([1.0, 0.6, 0.6, 0.6, 0.3, 1e-5], dtype=torch.float64)
+    kappas = torch.tensor([1.0, 0.5, 1.0, 1.0, 1.0, 1.0], dtype=torch.float64)
+    calls = []
+    out = samplers.sample_diffusion(exact_denoiser(seqs, p, 'absorbing', calls), 500, 2, K, linear_alpha, 5,
+                                    kind='absorbing', mask_id=MASK, grid=grid, kappas=kappas,
+                                    generator=torch.Generator().manual_seed(0))
+    assert (out != MASK).all()
+    # steps 0, 1, 3, 4 (step 2 is skipped; the noise removal finds no mask left at α = 1 - 1e-5)
+    assert len(calls) == 4 and calls[1] == 500
+    assert max(calls[0], calls[2], calls[3]) < 500               # cached steps run only sequences with work
+
+
+def test_remdm_conf_kappa_against_a_softmax_by_hand():
+    nan = math.nan
+    confidence = torch.tensor([[0.9, nan, 0.2, 0.5], [nan, nan, nan, nan], [nan, 0.7, nan, nan]], dtype=torch.float64)
+    for a_t, a_s in ((0.5, 0.7), (0.0, 0.4), (0.2, 0.3), (0.9, 0.95)):   # (0.2, 0.3): σ_max = 1 < 3.5
+        sigma_max = 1.0 if a_t == 0 else min(1.0, (1 - a_s) / a_t)
+        expected = []
+        for row in confidence.tolist():
+            weights = [0.0 if math.isnan(c) else math.exp(-c) for c in row]
+            total = sum(weights)
+            expected.append([1 - (w / total if total else 0.0) * sigma_max / (1 - a_s) for w in weights])
+        got = samplers.remdm_conf_kappa(confidence, a_t, a_s)
+        assert torch.allclose(got, torch.tensor(expected, dtype=torch.float64), atol=1e-14)
+    assert samplers.remdm_conf_kappa(confidence, 0.5, 1.0).tolist() == [[1.0] * 4] * 3
+
+
+def test_remdm_conf_remasks_in_proportion_and_tracks_confidence():
+    """Remask frequency per position = η^ℓ σ_max (z-test); a fresh token stores x̂ of its id, a remasked
+    one loses it."""
+    n, a_t, a_s = 40_000, 0.5, 0.6
+    nan = math.nan
+    conf_row = torch.tensor([0.9, 0.1, 0.5, nan, nan], dtype=torch.float64)
+    confidence = conf_row.expand(n, 5).clone()
+    z = torch.tensor([0, 1, 2, MASK, MASK]).expand(n, 5).clone()
+    logits = torch.log(torch.tensor([0.5, 0.25, 0.15, 0.1])).expand(n, 5, K).clone()
+    g = torch.Generator().manual_seed(1)
+    kappa = samplers.remdm_conf_kappa(confidence, a_t, a_s)
+    out = samplers.absorbing_psi_step(z, logits, a_t, a_s, kappa, MASK, confidence=confidence, p_nucleus=0.8,
+                                      generator=g)
+    eta = torch.tensor([math.exp(-0.9), math.exp(-0.1), math.exp(-0.5)], dtype=torch.float64)
+    sigma = eta / eta.sum() * min(1.0, (1 - a_s) / a_t)
+    freq = (out[:, :3] == MASK).double().mean(0)
+    assert ((freq - sigma).abs() / (sigma * (1 - sigma) / n).sqrt() < 4).all()
+    assert confidence[:, :3][out[:, :3] == MASK].isnan().all()
+    kept = (out[:, :3] != MASK)
+    assert torch.equal(confidence[:, :3][kept], conf_row[:3].expand(n, 3)[kept])
+    # SUBS then the 0.8-nucleus: [0.5, 0.25, 0.15] / 0.9 keeps the first two, x̂ = [2/3, 1/3, 0]
+    fresh = out[:, 3:] != MASK
+    assert abs(fresh.double().mean().item() - (a_s - a_t) / (1 - a_t)) < 0.01
+    xhat = torch.tensor([2 / 3, 1 / 3, 0.0], dtype=torch.float64)
+    assert set(out[:, 3:][fresh].tolist()) == {0, 1}
+    assert torch.allclose(confidence[:, 3:][fresh], xhat[out[:, 3:][fresh]], atol=1e-6)
+    assert confidence[:, 3:][~fresh].isnan().all()
+
+
+def test_remdm_conf_sampler_runs_the_whole_batch_and_leaves_no_mask():
+    seqs, p = data_distribution(2)
+    calls = []
+    kw = dict(kind='absorbing', mask_id=MASK, remdm_conf=True)
+    a = samplers.sample_diffusion(exact_denoiser(seqs, p, 'absorbing', calls), 300, 2, K, linear_alpha, 6,
+                                  generator=torch.Generator().manual_seed(0), **kw)
+    b = samplers.sample_diffusion(exact_denoiser(seqs, p, 'absorbing'), 300, 2, K, linear_alpha, 6,
+                                  generator=torch.Generator().manual_seed(0), **kw)
+    assert torch.equal(a, b) and (a != MASK).all() and calls[:6] == [300] * 6
+
+
+def test_bad_psi_arguments_raise_one_clear_line():
+    fn = lambda z, t: torch.zeros(*z.shape, K)
+    with pytest.raises(ValueError, match=r'kappas must have shape \(5,\)'):
+        samplers.sample_diffusion(fn, 2, 2, K, linear_alpha, 4, kind='uniform', kappas=torch.ones(4))
+    with pytest.raises(ValueError, match=r'grid must be \(5,\) non-increasing'):
+        samplers.sample_diffusion(fn, 2, 2, K, linear_alpha, 4, kind='uniform', grid=samplers.time_grid(4).flip(0))
+    with pytest.raises(ValueError, match=r'kappa=-5.0 at step 1 .* is not a distribution'):
+        samplers.sample_diffusion(fn, 2, 2, K, linear_alpha, 4, kind='absorbing', mask_id=MASK,
+                                  kappas=torch.tensor([1.0, -5.0, 1.0, 1.0, 1.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match='ReMDM-conf is an absorbing'):
+        samplers.sample_diffusion(fn, 2, 2, K, linear_alpha, 4, kind='uniform', remdm_conf=True)
+    with pytest.raises(ValueError, match=r'kappa=1.5 must be in \[0, 1\]'):
+        samplers.uniform_step(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, K), 0.1, 0.2, kappa=1.5)
