@@ -325,6 +325,13 @@ def bad_input_cases(d: Path, corpus_dir: Path):
         ('training steps < 1', ['trainer.max_steps=0', *run], {}),
         ('keep_last < 0', ['checkpointing.keep_last=-1', *run], {}),
         ('max_time malformed', ['trainer.max_time=12h', *run], {}),
+        # checked before the checkpoint is read: the missing one is never reported
+        ('malformed kappa mode', [*sample, f'eval.checkpoint_path={d}/nowhere.ckpt', 'sampling.predictor=psi',
+                                  'sampling.psi.middle_mode=constant-remdm-eta'], {}),
+        ('psi predictor for AR', [*sample, f'eval.checkpoint_path={d}/good.ckpt', 'algo=ar', 'sampling.predictor=psi'],
+         {}),
+        ('negative kappa for a uniform model', [*sample, f'eval.checkpoint_path={d}/good.ckpt', 'algo=duo_base',
+                                                'sampling.predictor=psi', 'sampling.psi.negative_kappa=true'], {}),
     ]
 
 
@@ -392,6 +399,12 @@ MESSAGES = {
     'training steps < 1': 'trainer.max_steps=0 must be >= 1 (e.g. trainer.max_steps=100000)',
     'keep_last < 0': 'checkpointing.keep_last=-1 must be >= 0 (e.g. checkpointing.keep_last=3)',
     'max_time malformed': 'trainer.max_time=12h is not DD:HH:MM:SS (e.g. trainer.max_time=00:11:30:00)',
+    'malformed kappa mode': "sampling.psi.middle_mode=constant-remdm-eta: 'eta' after 'constant-remdm-' must be a "
+                            "number >= 0 (e.g. sampling.psi.middle_mode=constant-remdm-0.01)",
+    'psi predictor for AR': 'sampling.predictor=psi does not apply to algo=ar: use one of ancestral, ancestral_cache '
+                            '(e.g. sampling.predictor=ancestral)',
+    'negative kappa for a uniform model': 'sampling.psi.negative_kappa=true is for absorbing diffusion (algo=mdlm), '
+                                          'not algo=duo_base: use sampling.psi.negative_kappa=false',
 }
 
 
