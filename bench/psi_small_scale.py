@@ -75,7 +75,7 @@ def main():
                         help='training and sampling seeds of DUO-base and MDLM (the AR judge uses the first)')
     parser.add_argument('--sampling-steps', type=int, nargs='+', default=[32, 128, 512])
     parser.add_argument('--samplers', nargs='+', default=list(SAMPLERS), choices=list(SAMPLERS))
-    parser.add_argument('--samples', type=int, default=128, help='samples per sample_eval (batches of at most 64)')
+    parser.add_argument('--samples', type=int, default=256, help='samples per sample_eval (batches of at most 64)')
     parser.add_argument('--threads', type=int, default=1,
                         help='torch threads per run (1 was fastest on a shared 2-core machine)')
     parser.add_argument('--work-dir', default='outputs/bench_duo_small_scale',
