@@ -15,13 +15,15 @@ with the run's seed, and reports generative perplexity under the AR judge and sa
 Adapted to this scale: no nucleus for any sampler (p_nucleus = 1: with 35 characters, nucleus
 truncation would change the entropy more than the samplers do, and the published p = 0.9 / 0.95
 were tuned for GPT-2's 50K tokens); eta and the fractions as published (a per-step remasking
-probability, independent of L and K).
+probability, independent of L and K); 128 samples per cell (two batches of 64; 512 steps of
+this model cost about 100 ms per batch and step on one core), two sample_eval runs at a time.
 
     python bench/psi_small_scale.py                          # ~35 min on 2 free CPU cores
     python bench/psi_small_scale.py --steps 60 --samples 16 --sampling-steps 8 16 --seeds 1   # smoke run
 Prints a table and writes bench/results/psi_small_scale.json; runs live in --work-dir.
 """
 import argparse
+import concurrent.futures
 import json
 import os
 import platform
@@ -75,9 +77,10 @@ def main():
                         help='training and sampling seeds of DUO-base and MDLM (the AR judge uses the first)')
     parser.add_argument('--sampling-steps', type=int, nargs='+', default=[32, 128, 512])
     parser.add_argument('--samplers', nargs='+', default=list(SAMPLERS), choices=list(SAMPLERS))
-    parser.add_argument('--samples', type=int, default=256, help='samples per sample_eval (batches of at most 64)')
+    parser.add_argument('--samples', type=int, default=128, help='samples per sample_eval (batches of at most 64)')
     parser.add_argument('--threads', type=int, default=1,
                         help='torch threads per run (1 was fastest on a shared 2-core machine)')
+    parser.add_argument('--jobs', type=int, default=2, help='sample_eval runs at a time (trainings run one by one)')
     parser.add_argument('--work-dir', default='outputs/bench_duo_small_scale',
                         help="runs (duo_small_scale.py's work directory by default: its models are reused)")
     parser.add_argument('--out', default=str(ROOT / 'bench' / 'results' / 'psi_small_scale.json'))
@@ -109,26 +112,25 @@ def main():
     judge = dirs['ar', first] / 'checkpoints' / checkpoints.LAST
     torch.set_num_threads(args.threads)
     data_ppl, data_entropy = data_reference([*common, f'seed={first}'], judge, args.samples)
-    rows = []
-    for seed in args.seeds:
-        for model in MODELS:
-            for steps in args.sampling_steps:
-                for sampler in args.samplers:
-                    run_dir = dirs[model, seed]
-                    name = f'psi_sample_{run_dir.name}_{sampler}_{steps}'
-                    out = work / f'{name}.json'
-                    run(name, 'mode=sample_eval', f'algo={model}', *common_overrides(work, eval_batch), f'seed={seed}',
-                        f'sampling.steps={steps}',
-                        'sampling.p_nucleus=1.0', 'sampling.noise_removal=ancestral',
-                        *sampler_overrides(sampler, model),
-                        f'sampling.num_sample_batches={max(args.samples // eval_batch, 1)}',
-                        f'eval.gen_ppl_eval_model_name_or_path={judge}', f'eval.generated_samples_path={out}',
-                        f'hydra.run.dir={run_dir}')
-                    result = json.loads(out.read_text())
-                    rows.append({'model': model, 'seed': seed, 'sampler': sampler, 'steps': steps,
-                                 'generative_ppl': result['generative_ppl'], 'entropy': result['entropy'],
-                                 'samples': len(result['generated_seqs']), 'seconds': run.seconds[name],
-                                 'example': result['generated_seqs'][0]})
+    def sample(seed, model, steps, sampler):
+        run_dir = dirs[model, seed]
+        name = f'psi_sample_{run_dir.name}_{sampler}_{steps}'
+        out = work / f'{name}.json'
+        run(name, 'mode=sample_eval', f'algo={model}', *common_overrides(work, eval_batch), f'seed={seed}',
+            f'sampling.steps={steps}', 'sampling.p_nucleus=1.0', 'sampling.noise_removal=ancestral',
+            *sampler_overrides(sampler, model), f'sampling.num_sample_batches={max(args.samples // eval_batch, 1)}',
+            f'eval.gen_ppl_eval_model_name_or_path={judge}', f'eval.generated_samples_path={out}',
+            f'hydra.run.dir={run_dir}')
+        result = json.loads(out.read_text())
+        return {'model': model, 'seed': seed, 'sampler': sampler, 'steps': steps,
+                'generative_ppl': result['generative_ppl'], 'entropy': result['entropy'],
+                'samples': len(result['generated_seqs']), 'seconds': run.seconds[name],
+                'example': result['generated_seqs'][0]}
+
+    cells = [(seed, model, steps, sampler) for seed in args.seeds for model in MODELS
+             for steps in sorted(args.sampling_steps, reverse=True) for sampler in args.samplers]  # longest first
+    with concurrent.futures.ThreadPoolExecutor(max(args.jobs, 1)) as pool:
+        rows = list(pool.map(lambda cell: sample(*cell), cells))
 
     report = {
         'benchmark': 'psi_small_scale',
