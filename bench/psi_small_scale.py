@@ -18,7 +18,7 @@ were tuned for GPT-2's 50K tokens); eta and the fractions as published (a per-st
 probability, independent of L and K); 128 samples per cell (two batches of 64; 512 steps of
 this model cost about 100 ms per batch and step on one core), two sample_eval runs at a time.
 
-    python bench/psi_small_scale.py                          # ~35 min on 2 free CPU cores
+    python bench/psi_small_scale.py                          # ~21 min on 2 CPU cores (9 training, 12 sampling)
     python bench/psi_small_scale.py --steps 60 --samples 16 --sampling-steps 8 16 --seeds 1   # smoke run
 Prints a table and writes bench/results/psi_small_scale.json; runs live in --work-dir.
 """
