@@ -230,6 +230,27 @@ class ProgressLog(Callback):
                                   float(nll), float(trainer.callback_metrics['val/ppl']))
 
 
+class ValidationSamples(Callback):
+    """eval.generate_samples=true: at every validation during training, draw one batch of samples
+    (sampling.*, the weights being validated: the EMA's) and log their entropy (val/sample_entropy)
+    and the first of them, so that a run shows what the model writes as it trains."""
+
+    def __init__(self, tokenizer, batch_size: int):
+        self.tokenizer, self.batch_size = tokenizer, batch_size
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if trainer.sanity_checking or trainer.state.fn != 'fit' or pl_module.stop_validation:
+            return
+        import metrics
+        import runtime
+        block = runtime.sequences_per_block(pl_module.device.type, int(pl_module.config.model.length),
+                                            pl_module.vocab_size)
+        samples = pl_module.generate(min(self.batch_size, block)).cpu()
+        pl_module.log('val/sample_entropy', metrics.sample_entropy(samples))
+        text = self.tokenizer.decode(samples[0].tolist())
+        progress.log.info('Sample at step %d: %s', trainer.global_step, text[:500] + ('...' if len(text) > 500 else ''))
+
+
 def run_history_logger(run_dir: Path, resume_step: int):
     """CSV log of the whole run in <run dir>/logs/metrics.csv, continued across resumes.
 

@@ -95,8 +95,12 @@ def _stand_ins(names, path) -> list:
     return found
 
 
-def _refused(path, name: str) -> CheckpointError:
-    return CheckpointError(
+class UnsafeCheckpoint(CheckpointError):
+    """A checkpoint holding an object whose loading would run code."""
+
+
+def _refused(path, name: str) -> UnsafeCheckpoint:
+    return UnsafeCheckpoint(
         f"checkpoint {path} holds a {name} object, which loading would have to import and run: refused "
         f"(checkpoints are read as weights, numbers, strings and configs only); use a checkpoint from a "
         f"source you trust")
@@ -116,7 +120,7 @@ def read_checkpoint(path, mmap: bool = False) -> dict:
             if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get('state_dict'), dict):
                 raise TypeError('no state_dict')
         except Exception as e:
-            unsafe = re.search(r'GLOBAL (\S+) was not an allowed global', str(e))
+            unsafe = re.search(r'GLOBAL ([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+)', str(e))  # torch's refusal names it
             raise (_refused(path, unsafe.group(1)) if unsafe else _unreadable(path, e)) from None
     return checkpoint
 
@@ -345,6 +349,8 @@ def check_resumable(last: Path, model: Diffusion) -> tuple[int, int]:
     this model; an unreadable one is reported with the newest readable periodic checkpoint."""
     try:
         source = read_source(last, 'the run to resume')
+    except UnsafeCheckpoint:
+        raise
     except CheckpointError as e:
         readable = newest_readable(last.parent)
         fix = (f'copy the newest readable checkpoint over it (cp {readable} {last})' if readable else
