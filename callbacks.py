@@ -180,17 +180,27 @@ class ProgressLog(Callback):
     def __init__(self, tokens_per_step: int):
         self.tokens_per_step = tokens_per_step
         self.train = self.valid = None
+        self.micro = 0  # micro-batches of the current accumulation window done
 
     def on_train_start(self, trainer, pl_module):
+        accumulation = trainer.accumulate_grad_batches
+
         def extra():
             loss = trainer.callback_metrics.get('train/loss')
-            return f'loss {float(loss):.4f}' if loss is not None else ''
+            within = f'micro-batch {self.micro}/{accumulation} of the next step' if self.micro else ''
+            return ', '.join(t for t in (f'loss {float(loss):.4f}' if loss is not None else '', within) if t)
         self.train = progress.Reporter('training', trainer.max_steps, unit='steps', extra=extra,
                                        start=trainer.global_step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if at_step_boundary(trainer) and self.train is not None:
+        if self.train is None:
+            return
+        if at_step_boundary(trainer):
+            self.micro = 0
             self.train.update()
+        else:  # a long accumulation window still reports every few seconds
+            self.micro += 1
+            self.train.poll()
 
     def on_train_end(self, trainer, pl_module):
         if self.train is not None:

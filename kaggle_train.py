@@ -38,6 +38,8 @@ from pathlib import Path
 
 from hydra.errors import HydraException
 
+import checkpoints
+import dataloader
 import hardware
 import runtime
 
@@ -195,7 +197,6 @@ class Plan:
     data_files: list | None
     output_dir: Path
     run_dir: Path
-    cache_dir: Path
     time_limit: int
     eval_reserve: int
     eval_batches: int | None
@@ -222,7 +223,6 @@ def compose_config(overrides: list[str]):
 
 
 def vocab_size(config) -> int:
-    import dataloader
     return dataloader.model_vocab(dataloader.get_tokenizer(config))[0]
 
 
@@ -240,7 +240,6 @@ def make_plan(args, overrides, device: hardware.Device) -> Plan:
         raise UsageError(f"--algo={args.algo} is unknown: use one of {', '.join(algos)} (e.g. --algo duo_base)")
     subset = None if str(args.subset).lower() in ('all', 'none', '0') else args.subset
     if subset is not None:
-        import dataloader
         subset = dataloader.parse_subset(subset, '--subset')
     output_dir = Path(args.output_dir).expanduser().resolve() if args.output_dir else default_output_dir()
     base = [f'algo={args.algo}', f'model={model}']
@@ -265,7 +264,6 @@ def make_plan(args, overrides, device: hardware.Device) -> Plan:
     return Plan(device=device, model=model, algo=algo, length=length, shape=shape, precision=precision,
                 attn_backend=hardware.attn_backend_for(device), batch=batch, steps=args.steps, subset=subset,
                 data_files=args.data_files, output_dir=output_dir, run_dir=output_dir / run_name,
-                cache_dir=output_dir / 'data_cache',
                 time_limit=parse_duration(args.time_limit, '--time-limit'),
                 eval_reserve=(parse_duration(args.eval_reserve, '--eval-reserve')
                               if set(args.stages) - {'train'} else 0),
@@ -286,8 +284,7 @@ def common_overrides(plan: Plan, eval_batch_size: int) -> list[str]:
     if plan.data_files:
         files = plan.data_files
         out.append('data.data_files=' + (hydra_value(files[0]) if len(files) == 1 else hydra_list(files)))
-    out += [f'data.cache_dir={hydra_value(plan.cache_dir)}',
-            f'loader.batch_size={plan.batch.batch_size}',
+    out += [f'loader.batch_size={plan.batch.batch_size}',
             f'loader.global_batch_size={plan.batch.global_batch_size}',
             f'loader.eval_batch_size={eval_batch_size}']
     if plan.eval_batches:
@@ -350,7 +347,6 @@ def print_plan(plan: Plan, args, commands: dict, train_seconds: int):
     gib = hardware.GIB
     data = ('local files ' + ' '.join(plan.data_files)) if plan.data_files else 'OpenWebText from the Hugging Face hub'
     if plan.subset:
-        import dataloader
         n_train, n_valid = dataloader.subset_split(plan.subset)
         data += f', first {plan.subset} documents ({n_train} train / {n_valid} validation)'
     lines = [
@@ -379,7 +375,7 @@ def print_plan(plan: Plan, args, commands: dict, train_seconds: int):
         f'noise removal {args.noise_removal}; generative perplexity '
         + (f'by {args.gen_ppl_model}' if plan.gen_ppl else 'skipped (offline)'),
         f'  data        : {data}',
-        f'  output      : {plan.run_dir}  (tokenized cache: {plan.cache_dir})',
+        f'  output      : {plan.run_dir}  (tokenized cache: {dataloader.resolve_cache_dir({})})',
         f'  time        : limit {format_max_time(plan.time_limit)} (DD:HH:MM:SS)'
         + (f'; training stops after {format_max_time(train_seconds)}' if 'train' in args.stages else '')
         + (f', {format_max_time(plan.eval_reserve)} kept for evaluation' if plan.eval_reserve else ''),
@@ -426,10 +422,8 @@ def detect_device() -> hardware.Device:
 
 
 def checkpoint_step(path: Path) -> int | None:
-    if not path.is_file():
-        return None
-    import torch
-    return int(torch.load(path, map_location='cpu', weights_only=False, mmap=True).get('global_step', 0))
+    """The optimizer step of a checkpoint (read safely, weights left on disk); None when there is none."""
+    return checkpoints.read_progress(path)[0] if path.is_file() else None
 
 
 def import_previous(plan: Plan, source: str):
@@ -477,7 +471,6 @@ def probe_worker(spec_json: str):
     from diffusion import StepRunner
     spec = json.loads(spec_json)
     config = settings.resolve(compose_config(['mode=train'] + spec['overrides']))
-    import dataloader
     module = duo_main.build_model(config, dataloader.get_tokenizer(config)).cuda()
     runner = StepRunner(module)
     n_params = sum(p.numel() for p in module.backbone.parameters())
@@ -620,11 +613,12 @@ def print_summary(summary: dict):
 # ---- main ----------------------------------------------------------------------------------
 def run(args, overrides) -> int:
     started = time.time()
-    if not args.dry_run and not args.offline and not args.data_files and not runtime.hub_reachable():
-        raise UsageError('the Hugging Face hub is unreachable and no --data-files were given: turn on the '
-                         'notebook\'s internet, or pass --data-files <local .parquet/.jsonl/.txt> --offline')
-    if not args.offline and not args.dry_run and args.data_files and not runtime.hub_reachable():
-        print('The Hugging Face hub is unreachable: running offline (no generative perplexity)', flush=True)
+    if not args.offline and not runtime.hub_reachable():  # asked once, in seconds
+        if not args.data_files and not args.dry_run:
+            raise UsageError('the Hugging Face hub is unreachable and no --data-files were given: turn on the '
+                             'notebook\'s internet, or pass --data-files <local .parquet/.jsonl/.txt> --offline')
+        print('The Hugging Face hub is unreachable: planning offline (no hub downloads, no generative perplexity '
+              'unless --gen-ppl-model is a local directory)', flush=True)
         args.offline = True
     device = hardware.preset(args.assume_gpu) if args.assume_gpu else detect_device()
     plan = make_plan(args, overrides, device)

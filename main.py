@@ -57,7 +57,7 @@ def read_finetune(config) -> checkpoints.Source:
                           f"(e.g. training.finetune_path=outputs/owt/duo-small-L1024/checkpoints/last.ckpt)")
     source = checkpoints.read_source(path, 'training.finetune_path')
     checkpoints.configure_from(config, source, settings.explicit_keys(cli.explicit_overrides()),
-                               'training.finetune_path', algorithm=False)
+                               'training.finetune_path', evaluating=False)
     return source
 
 
@@ -69,8 +69,12 @@ def build_trainer(config, run_dir: Path, for_training: bool, resume_step: int = 
     loggers = [callbacks.run_history_logger(run_dir, resume_step)] if for_training else []
     if for_training and config.wandb.enabled or config.wandb.get('offline', False):
         from lightning.pytorch.loggers import WandbLogger
-        loggers.append(WandbLogger(project=config.wandb.project, name=config.wandb.name, save_dir=str(run_dir),
-                                   offline=bool(config.wandb.get('offline', False)), anonymous=False))
+        wandb = WandbLogger(project=config.wandb.project, name=config.wandb.name, save_dir=str(run_dir),
+                            offline=bool(config.wandb.get('offline', False)))
+        # Lightning always passes wandb's deprecated `anonymous` setting, which wandb warns about
+        # (no public way to leave it out; tests/test_main.py checks this private dict).
+        wandb._wandb_init.pop('anonymous', None)
+        loggers.append(wandb)
     tokens_per_step = int(config.loader.global_batch_size) * int(config.model.length)
     monitors = [callbacks.ProgressLog(tokens_per_step)]
     if for_training:
