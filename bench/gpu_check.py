@@ -766,8 +766,8 @@ def run_items(args, emit):
     os.environ.setdefault('HF_HUB_OFFLINE', '1')  # nothing here needs the hub; never wait for it
     # Lightning's notes at every Trainer (devices, limits, tips) and its advice about workers and
     # loggers are not this check's subject; the project's own warnings (e.g. a skipped step) stay.
-    import lightning.pytorch  # noqa: F401  (its handler exists from here on)
-    handlers = logging.getLogger('lightning.pytorch').handlers
+    import lightning.pytorch as pl  # its logger's handler exists once it is imported
+    handlers = logging.getLogger(pl.__name__).handlers
     quiet = WarningsOnly()
     for handler in handlers:
         handler.addFilter(quiet)
@@ -827,7 +827,7 @@ class Record:
 
     def write(self):
         from atomic import write_text
-        write_text(self.path, json.dumps(self.data, indent=2) + '\n')
+        write_text(self.path, json.dumps(self.data, indent=2, default=str) + '\n')
 
 
 def json_safe(obj):
@@ -981,7 +981,7 @@ def main(argv=None):
 
         def emit(event):
             with open(events, 'a') as f:
-                f.write(json.dumps(json_safe(event)) + '\n')
+                f.write(json.dumps(json_safe(event), default=str) + '\n')
         run_items(args, emit)
         return 0
 
