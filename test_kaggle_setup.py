@@ -16,7 +16,6 @@ import argparse
 import importlib.metadata
 import math
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -78,30 +77,24 @@ def check_python():
     return f'Python {v.major}.{v.minor}.{v.micro} ({sys.executable})'
 
 
-def requirements() -> list[tuple[str, str, str]]:
-    """(name, operator, version) of every pinned line of requirements.txt."""
-    out = []
-    for line in (ROOT / 'requirements.txt').read_text().splitlines():
-        line = line.split('#')[0].strip()
-        m = re.fullmatch(r'([A-Za-z0-9_.\-]+)\s*(>=|==)\s*([0-9][0-9A-Za-z.]*)', line)
-        if m:
-            out.append(m.groups())
-    return out
+def requirements() -> list:
+    """The requirements of requirements.txt (packaging Requirement objects: name and version range)."""
+    from packaging.requirements import Requirement
+    lines = (line.split('#')[0].strip() for line in (ROOT / 'requirements.txt').read_text().splitlines())
+    return [Requirement(line) for line in lines if line]
 
 
 def check_packages():
-    from packaging.version import Version
     problems, found = [], {}
-    for name, op, wanted in requirements():
+    for requirement in requirements():
         try:
-            have = importlib.metadata.version(name)
+            have = importlib.metadata.version(requirement.name)
         except importlib.metadata.PackageNotFoundError:
-            problems.append(f'{name} missing (needs {op}{wanted})')
+            problems.append(f'{requirement.name} missing (needs {requirement.specifier})')
             continue
-        found[name] = have
-        ok = Version(have) >= Version(wanted) if op == '>=' else Version(have) == Version(wanted)
-        if not ok:
-            problems.append(f'{name} {have} (needs {op}{wanted})')
+        found[requirement.name] = have
+        if not requirement.specifier.contains(have, prereleases=True):
+            problems.append(f'{requirement.name} {have} (needs {requirement.specifier})')
     if problems:
         raise Fail('; '.join(problems), "./install.sh --system on Kaggle/Colab (keeps the preinstalled CUDA torch), "
                                         "else pip install -r requirements.txt")
