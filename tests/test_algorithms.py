@@ -1,30 +1,91 @@
-"""algorithms.py: which sampler a config drives (SPEC §6, SPEC-2 §13).
+"""algorithms.py: the forward processes by their empirical law, the registry, families and hooks,
+and which sampler a config drives (SPEC §6, SPEC-2 §13).
 
-`sampling.predictor` picks ancestral, Ψ (psi) or ReMDM-conf sampling; the `sampling.psi.*` keys become
-the time grid and kappas that samplers.sample_diffusion receives. The maths of the samplers is tested
-in test_samplers.py; here: the wiring, against grids and kappas worked out by hand, the published
-command lines of README.md, and the one-line errors of settings that cannot work.
+The losses and samplers the algorithms call are tested against independent computations in
+test_losses.py, test_samplers.py and test_duality.py; here is what the classes add.
+`sampling.predictor` picks ancestral, Ψ (psi) or ReMDM-conf sampling; the `sampling.psi.*` keys
+become the time grid and kappas that samplers.sample_diffusion receives: tested against grids and
+kappas worked out by hand, the published command lines of README.md, and the one-line errors of
+settings that cannot work.
 """
+import math
 import shlex
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from scipy import stats
 
 import algorithms
+import errors
 import samplers
 import settings
 from conftest import ROOT
 from diffusion import Diffusion
-from errors import ConfigError
 
-K, MASK, BOS = 20, 19, 18
+K, MASK = 7, 6
+
+
+def make_config(*overrides):
+    with initialize_config_dir(config_dir=str(ROOT / 'configs'), version_base=None):
+        return compose(config_name='config', overrides=list(overrides))
+
+
+@pytest.mark.parametrize('alpha', [0.1, 0.5, 0.93])
+def test_uniform_forward_process_has_its_law(alpha):
+    """q(z_t | x) = Cat(alpha e_x + (1 - alpha)/K 1) (SPEC §3): P(z = x) = alpha + (1 - alpha)/K and
+    every other id (1 - alpha)/K; chi-square against these probabilities."""
+    torch.manual_seed(0)
+    algo = algorithms.DUOBase(make_config('algo=duo_base'), K, MASK)
+    x0 = torch.full((400, 500), 3)
+    z = algo.corrupt(x0, torch.full((400, 1), alpha))
+    counts = np.bincount(z.flatten().numpy(), minlength=K)
+    expected = np.full(K, (1 - alpha) / K)
+    expected[3] += alpha
+    assert stats.chisquare(counts, expected * counts.sum()).pvalue > 1e-3
+
+
+@pytest.mark.parametrize('alpha', [0.1, 0.5, 0.93])
+def test_absorbing_forward_process_has_its_law(alpha):
+    """q(z_t | x) = Cat(alpha e_x + (1 - alpha) e_mask): masked w.p. 1 - alpha, else x itself."""
+    torch.manual_seed(0)
+    algo = algorithms.MDLM(make_config('algo=mdlm'), K, MASK)
+    x0 = torch.randint(0, MASK, (400, 500))
+    z = algo.corrupt(x0, torch.full((400, 1), alpha))
+    assert set(z[z != MASK].unique().tolist()) <= set(range(MASK)) and torch.equal(z[z != MASK], x0[z != MASK])
+    n, masked = z.numel(), int((z == MASK).sum())
+    assert abs(masked / n - (1 - alpha)) < 5 * math.sqrt(alpha * (1 - alpha) / n)
+
+
+def test_unknown_algorithm_gives_one_line():
+    with pytest.raises(errors.ConfigError, match=r'^algo=sedx is unknown: use one of .*duo_base.*\(e.g. algo=duo_base\)$'):
+        algorithms.build(make_config('algo=duo_base', 'algo.name=sedx'), K, MASK)
+
+
+def test_families_say_which_checkpoints_load_into_which_algorithms():
+    assert algorithms.family('duo') == algorithms.family('duo_base') == algorithms.family('distillation') == 'uniform'
+    assert len({algorithms.family(name) for name in ('ar', 'mdlm', 'duo_base')}) == 3
+
+
+def test_time_conditioning_off_feeds_sigma_zero():
+    alpha = torch.tensor([[0.2], [0.7]])
+    on = algorithms.DUOBase(make_config('algo=duo_base'), K, MASK)
+    off = algorithms.DUOBase(make_config('algo=duo_base', 'algo.time_conditioning=false'), K, MASK)
+    torch.testing.assert_close(on.sigma(alpha), -torch.log(alpha.reshape(-1)))
+    assert torch.equal(off.sigma(alpha), torch.zeros(2))
+    assert torch.equal(algorithms.MDLM(make_config('algo=mdlm'), K, MASK).sigma(alpha), torch.zeros(2))
+
+
+# ------------------------------------------------------------------------- sampling.predictor and sampling.psi.*
+
+K_S, MASK_S, BOS_S = 20, 19, 18  # a Diffusion module of a tiny DiT
 TINY = ['model=micro', 'model.length=12', 'model.hidden_size=32', 'model.n_heads=2', 'model.n_blocks=1',
         'model.cond_dim=16', 'training.ema=0', 'trainer.accelerator=cpu']
 EPS = 1e-3  # configs/noise/log-linear.yaml: alpha_t = 1 - (1 - eps) t
 
 
-def make_config(*overrides, mode='sample_eval'):
+def resolved_config(*overrides, mode='sample_eval'):
     """The resolved config of a command line's overrides (mode= when they give none)."""
     mode = [] if any(o.startswith('mode=') for o in overrides) else [f'mode={mode}']
     with initialize_config_dir(config_dir=str(ROOT / 'configs'), version_base=None):
@@ -34,7 +95,7 @@ def make_config(*overrides, mode='sample_eval'):
 
 def tiny_module(*overrides, seed=0):
     torch.manual_seed(seed)
-    module = Diffusion(make_config(*TINY, *overrides), vocab_size=K, mask_id=MASK, bos_id=BOS).eval()
+    module = Diffusion(resolved_config(*TINY, *overrides), vocab_size=K_S, mask_id=MASK_S, bos_id=BOS_S).eval()
     with torch.no_grad():
         for p in module.backbone.parameters():
             p.normal_(0, 0.5)
@@ -87,7 +148,7 @@ def test_psi_keys_become_the_grid_and_kappas_the_sampler_gets(spy, algo):
     assert call['grid'].tolist() == pytest.approx(HAND_GRID, abs=1e-15)
     assert call['kappas'].tolist() == HAND_KAPPAS
     assert call['cache'] is True  # MDLM: the per-sequence cache at the kappa = 1 steps, where it is exact
-    assert out.shape == (3, 12) and (out >= 0).all() and (out < K).all() and (out != MASK).all()
+    assert out.shape == (3, 12) and (out >= 0).all() and (out < K_S).all() and (out != MASK_S).all()
 
 
 @pytest.mark.parametrize('algo, predictor', [('duo_base', 'ancestral'), ('mdlm', 'ancestral_cache'),
@@ -130,7 +191,7 @@ def test_mdlm_psi_runs_the_whole_batch_at_kappa_below_one_and_the_cache_elsewher
     # (t = 0.5 -> the low segment, kappa = 1: cached, or skipped when nothing is left to fill).
     at_plateau = [n for n, t in rows if t == 0.5]
     assert at_plateau[:16] == [B] * 16 and len(at_plateau) in (16, 17)
-    assert min(n for n, _ in rows) < B and (out != MASK).all()
+    assert min(n for n, _ in rows) < B and (out != MASK_S).all()
 
 
 def test_remdm_conf_is_an_mdlm_predictor(spy):
@@ -138,7 +199,7 @@ def test_remdm_conf_is_an_mdlm_predictor(spy):
     with torch.no_grad():
         out = module.generate(3, generator=torch.Generator().manual_seed(0))
     (call,) = spy.calls
-    assert call['remdm_conf'] is True and 'kappas' not in call and (out != MASK).all()
+    assert call['remdm_conf'] is True and 'kappas' not in call and (out != MASK_S).all()
 
 
 # ------------------------------------------------------------------------- the published settings (README)
@@ -152,7 +213,7 @@ def readme_psi_commands():
 
 def schedule_of(overrides):
     """(algo name, grid, kappas) that a command line's algorithm hands the sampler."""
-    config = make_config(*[o for o in overrides if not o.startswith('eval.checkpoint_path=')])
+    config = resolved_config(*[o for o in overrides if not o.startswith('eval.checkpoint_path=')])
     algo = algorithms.build(config, 50258, 50257)
     kwargs = algo.sampler_arguments(config.sampling)
     return config, kwargs['grid'], kwargs['kappas']
@@ -229,12 +290,12 @@ def test_readme_cap_and_rescale_commands_give_remdm_kappas():
      'sampling.psi.negative_kappa=false'),
 ])
 def test_settings_the_algorithm_cannot_sample_with_fail_before_weights_load(algo, overrides, message):
-    with pytest.raises(ConfigError) as error:
-        Diffusion(make_config(*TINY, f'algo={algo}', *overrides), vocab_size=K, mask_id=MASK, bos_id=BOS)
+    with pytest.raises(errors.ConfigError) as error:
+        Diffusion(resolved_config(*TINY, f'algo={algo}', *overrides), vocab_size=K_S, mask_id=MASK_S, bos_id=BOS_S)
     assert str(error.value) == message
 
 
 def test_an_unused_negative_kappa_is_not_an_error():
     """negative_kappa only matters to psi sampling: training a DUO model with it set is fine."""
-    Diffusion(make_config(*TINY, 'algo=duo_base', 'sampling.psi.negative_kappa=true', mode='train'),
-              vocab_size=K, mask_id=MASK, bos_id=BOS)
+    Diffusion(resolved_config(*TINY, 'algo=duo_base', 'sampling.psi.negative_kappa=true', mode='train'),
+              vocab_size=K_S, mask_id=MASK_S, bos_id=BOS_S)
