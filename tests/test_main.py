@@ -135,16 +135,15 @@ def test_ar_train_resume_eval_reaches_the_source_entropy(markov_corpus, tmp_path
 def test_diffusion_bound_is_never_below_the_source_entropy(markov_corpus, tmp_path, algo):
     corpus_dir, valid = markov_corpus
     args = common(corpus_dir, tmp_path / 'run', algo)
-    run_main('mode=train', 'trainer.max_steps=500', *args)
+    run_main('mode=train', 'trainer.max_steps=250', *args)
     run_main('mode=ppl_eval', *args)
     result = json.loads((tmp_path / 'run' / 'ppl_eval.json').read_text())
     total, n_blocks = exact_block_nll(valid)
     assert result['tokens'] == n_blocks * LENGTH  # diffusion counts every position
     assert result['nll'] >= total / result['tokens'], (result['nll'], total / result['tokens'])
-    # ... and the other side: a trained model's bound beats the characters' unigram entropy
-    pi = stationary(TRANSITIONS)
-    unigram = -float(np.log(pi)[[ALPHABET.index(c) for c in valid[:n_blocks * (LENGTH - 2)]]].sum())
-    assert result['nll'] < unigram / result['tokens'], (result['nll'], unigram / result['tokens'])
+    # ... and from above: trained, the bound comes within 0.75 nats of the exact NLL (an untrained
+    # model is at about log K = 3.6, a bound counted twice at about 2 x 1.5)
+    assert result['nll'] < total / result['tokens'] + 0.75, (result['nll'], total / result['tokens'])
 
 
 @pytest.mark.slow
