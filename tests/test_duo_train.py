@@ -546,10 +546,13 @@ FAST = ['trainer.limit_val_batches=2', 'trainer.log_every_n_steps=1', 'loader.gl
 
 
 @pytest.mark.slow
-def test_duo_curriculum_through_main(markov_dir, tmp_path):
+@pytest.mark.parametrize('mode', [[], ['algo.curriculum.mode=poly9', 'algo.curriculum.top_k=3']], ids=['simple', 'top-k'])
+def test_duo_curriculum_through_main(markov_dir, tmp_path, mode):
     from test_main import common, run_main
-    run_main('mode=train', *common(markov_dir, tmp_path, 'duo'), *FAST, 'algo.curriculum_end=3',
-             'trainer.max_steps=6', 'checkpointing.every_n_train_steps=6', 'trainer.val_check_interval=6')
+    proc = run_main('mode=train', *common(markov_dir, tmp_path, 'duo'), *FAST, 'algo.curriculum.end=3', *mode,
+                    'trainer.max_steps=6', 'checkpointing.every_n_train_steps=6', 'trainer.val_check_interval=6')
+    if mode:  # the fitted operator reports its distance to the exact one
+        assert 'algo.curriculum.mode=poly9 on gamma in [-2.65, 1.7] (K=35)' in proc.stderr + proc.stdout
     rows = read_metrics(tmp_path)
     train = [r for r in rows if r['train/loss']]
     assert [float(r['train/tau']) for r in train] == pytest.approx([1e-3] * 3 + [0.0] * 3)
