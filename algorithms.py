@@ -131,9 +131,13 @@ class MDLM(_Diffusion):
     kind = 'absorbing'
     family = 'subs'
 
+    def corrupt(self, x0, alpha):
+        """z_t ~ Cat(alpha x + (1 - alpha) e_mask): keep x0 w.p. alpha, else [MASK]."""
+        return torch.where(torch.rand(x0.shape, device=x0.device) < 1 - alpha, self.mask_id, x0)
+
     def loss(self, module, x0, attention_mask, t, step):
         alpha, dalpha = self.schedule.alpha(t)[:, None], self.schedule.dalpha(t)[:, None]
-        xt = torch.where(torch.rand(x0.shape, device=x0.device) < 1 - alpha, self.mask_id, x0)
+        xt = self.corrupt(x0, alpha)
         # Unmasked positions cost nothing (SUBS): the network computes the masked positions' logits only.
         logits = module.backbone(xt, self.sigma(alpha), attention_mask=attention_mask, output_rows=xt == self.mask_id)
         return losses.mdlm_loss(logits, x0, xt, alpha, dalpha, self.mask_id, reuse_logits=True), attention_mask

@@ -180,17 +180,27 @@ class ProgressLog(Callback):
     def __init__(self, tokens_per_step: int):
         self.tokens_per_step = tokens_per_step
         self.train = self.valid = None
+        self.micro = 0  # micro-batches of the current accumulation window done
 
     def on_train_start(self, trainer, pl_module):
+        accumulation = trainer.accumulate_grad_batches
+
         def extra():
             loss = trainer.callback_metrics.get('train/loss')
-            return f'loss {float(loss):.4f}' if loss is not None else ''
+            within = f'micro-batch {self.micro}/{accumulation} of the next step' if self.micro else ''
+            return ', '.join(t for t in (f'loss {float(loss):.4f}' if loss is not None else '', within) if t)
         self.train = progress.Reporter('training', trainer.max_steps, unit='steps', extra=extra,
                                        start=trainer.global_step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if at_step_boundary(trainer) and self.train is not None:
+        if self.train is None:
+            return
+        if at_step_boundary(trainer):
+            self.micro = 0
             self.train.update()
+        else:  # a long accumulation window still reports every few seconds
+            self.micro += 1
+            self.train.poll()
 
     def on_train_end(self, trainer, pl_module):
         if self.train is not None:
@@ -218,6 +228,27 @@ class ProgressLog(Callback):
             if nll is not None:
                 progress.log.info('Validation at step %d: NLL bound %.4f nats/token (PPL <= %.2f)', trainer.global_step,
                                   float(nll), float(trainer.callback_metrics['val/ppl']))
+
+
+class ValidationSamples(Callback):
+    """eval.generate_samples=true: at every validation during training, draw one batch of samples
+    (sampling.*, the weights being validated: the EMA's) and log their entropy (val/sample_entropy)
+    and the first of them, so that a run shows what the model writes as it trains."""
+
+    def __init__(self, tokenizer, batch_size: int):
+        self.tokenizer, self.batch_size = tokenizer, batch_size
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if trainer.sanity_checking or trainer.state.fn != 'fit' or pl_module.stop_validation:
+            return
+        import metrics
+        import runtime
+        block = runtime.sequences_per_block(pl_module.device.type, int(pl_module.config.model.length),
+                                            pl_module.vocab_size)
+        samples = pl_module.generate(min(self.batch_size, block)).cpu()
+        pl_module.log('val/sample_entropy', metrics.sample_entropy(samples))
+        text = self.tokenizer.decode(samples[0].tolist())
+        progress.log.info('Sample at step %d: %s', trainer.global_step, text[:500] + ('...' if len(text) > 500 else ''))
 
 
 def run_history_logger(run_dir: Path, resume_step: int):

@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 LAST = 'last.ckpt'
 PERIODIC = re.compile(r'step-(\d+)\.ckpt')  # the periodic checkpoints (callbacks.RunCheckpoint names them)
 SIZE_KEYS = ('hidden_size', 'cond_dim', 'n_blocks', 'n_heads')
+MACHINE_DATA_KEYS = ('cache_dir', 'num_proc')  # where this machine keeps the data: never taken from a checkpoint
 
 
 # ---- reading without running code ----------------------------------------------------------
@@ -94,8 +95,12 @@ def _stand_ins(names, path) -> list:
     return found
 
 
-def _refused(path, name: str) -> CheckpointError:
-    return CheckpointError(
+class UnsafeCheckpoint(CheckpointError):
+    """A checkpoint holding an object whose loading would run code."""
+
+
+def _refused(path, name: str) -> UnsafeCheckpoint:
+    return UnsafeCheckpoint(
         f"checkpoint {path} holds a {name} object, which loading would have to import and run: refused "
         f"(checkpoints are read as weights, numbers, strings and configs only); use a checkpoint from a "
         f"source you trust")
@@ -115,7 +120,7 @@ def read_checkpoint(path, mmap: bool = False) -> dict:
             if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get('state_dict'), dict):
                 raise TypeError('no state_dict')
         except Exception as e:
-            unsafe = re.search(r'GLOBAL (\S+) was not an allowed global', str(e))
+            unsafe = re.search(r'GLOBAL ([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+)', str(e))  # torch's refusal names it
             raise (_refused(path, unsafe.group(1)) if unsafe else _unreadable(path, e)) from None
     return checkpoint
 
@@ -159,6 +164,7 @@ class Source:
     model: dict = field(default_factory=dict)   # hidden_size, cond_dim, n_blocks, n_heads, length
     noise: dict | None = None
     tokenizer: str | None = None
+    data: dict | None = None              # the data it was trained on (ours only)
 
     @property
     def vocab_size(self) -> int:
@@ -200,7 +206,7 @@ def read_source(path, setting: str = 'eval.checkpoint_path') -> Source:
         described = checkpoint['duo']
         source.algo, source.noise = described['algo'], described['noise']
         source.model['length'] = described['model']['length']
-        source.tokenizer = described['tokenizer']
+        source.tokenizer, source.data = described['tokenizer'], described.get('data')
     elif 'model_config' in checkpoint:  # ours, before checkpoints described their algorithm
         source.model['length'] = int(checkpoint['model_config']['length'])
     else:  # upstream: its Hydra config, pickled in hyper_parameters
@@ -228,10 +234,11 @@ def sizes_from_weights(state_dict: dict) -> dict:
 
 # ---- building the model a checkpoint describes ---------------------------------------------
 def configure_from(config, source: Source, explicit=frozenset(), setting: str = 'eval.checkpoint_path',
-                   algorithm: bool = True):
+                   evaluating: bool = True):
     """Put the checkpoint's own settings into `config` (in place): its algorithm (when
-    `algorithm`), time conditioning, model sizes and length, noise schedule and tokenizer, so that
-    no override is needed. A setting the command line gives explicitly (`explicit`: keys such as
+    `evaluating`; a run that starts from it chooses its own), time conditioning, model sizes and
+    length, noise schedule, tokenizer and, when `evaluating`, the data it was trained on (ours), so
+    that no override is needed. A setting the command line gives explicitly (`explicit`: keys such as
     'algo', 'model.hidden_size', 'model') is kept: a contradicting model size is then reported by
     check_compatible, an algorithm of another family here."""
     path = source.path
@@ -241,7 +248,7 @@ def configure_from(config, source: Source, explicit=frozenset(), setting: str = 
         if algorithms.family(mine) != algorithms.family(theirs) and 'algo' in explicit:
             raise ConfigError(f"{setting}={path} is a checkpoint of algo={theirs}, whose network does not fit "
                               f"algo={mine}: drop algo= (the checkpoint's algorithm is used) or pass algo={theirs}")
-        if algorithm and 'algo' not in explicit and mine != theirs:
+        if evaluating and 'algo' not in explicit and mine != theirs:
             defaults = OmegaConf.load(Path(__file__).resolve().parent / 'configs' / 'algo' / f'{theirs}.yaml')
             defaults = defaults.algo if 'algo' in defaults else defaults  # distillation.yaml is a global package
             with open_dict(config):
@@ -263,6 +270,10 @@ def configure_from(config, source: Source, explicit=frozenset(), setting: str = 
                                   f"model.length={length} or less")
         if source.noise and 'noise' not in explicit and not any(k.startswith('noise.') for k in explicit):
             config.noise = OmegaConf.merge(config.noise, source.noise)
+        if evaluating and source.data and 'data' not in explicit:  # on the data it was trained on
+            for key, value in source.data.items():
+                if key in config.data and key not in MACHINE_DATA_KEYS and f'data.{key}' not in explicit:
+                    config.data[key] = value
         if source.tokenizer and 'data' not in explicit and 'data.tokenizer_name_or_path' not in explicit:
             config.data.tokenizer_name_or_path = source.tokenizer
     log.info('Model of %s: algo=%s hidden_size=%d cond_dim=%d n_blocks=%d n_heads=%d length=%d', path,
@@ -338,6 +349,8 @@ def check_resumable(last: Path, model: Diffusion) -> tuple[int, int]:
     this model; an unreadable one is reported with the newest readable periodic checkpoint."""
     try:
         source = read_source(last, 'the run to resume')
+    except UnsafeCheckpoint:
+        raise
     except CheckpointError as e:
         readable = newest_readable(last.parent)
         fix = (f'copy the newest readable checkpoint over it (cp {readable} {last})' if readable else

@@ -123,7 +123,8 @@ def run(mode_fn, config, run_dir: Path):
         if full_error:
             raise
         fail(str(e), 1)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # before training began (GracefulStop handles it during training)
+        log.warning('Interrupted before training began: nothing was saved')
         _RUN_LOG.discard()
         fail('interrupted', 128 + signal.SIGINT)
 

@@ -159,11 +159,16 @@ def _packaged_gpt2_files() -> dict | None:
 
 def get_tokenizer(config):
     """Tokenizer of `data.tokenizer_name_or_path`: gpt2, text8, or any Hugging Face tokenizer."""
-    name = str(config.data.tokenizer_name_or_path)
+    return load_tokenizer(str(config.data.tokenizer_name_or_path), resolve_cache_dir(config.data))
+
+
+def load_tokenizer(name: str, cache_dir: Path | None = None):
+    """Tokenizer `name` (gpt2, text8, or a Hugging Face tokenizer id or directory); `cache_dir`
+    keeps the offline GPT-2 tokenizer (default: the project's data cache)."""
     if name == 'text8':
         return Text8Tokenizer()
     if name == 'gpt2':
-        tokenizer = gpt2_tokenizer(resolve_cache_dir(config.data))
+        tokenizer = gpt2_tokenizer(cache_dir)
     else:
         import transformers
         try:
@@ -535,11 +540,13 @@ def _mkdir(path: Path) -> Path:
 
 
 def _default_cache_dir() -> Path:
-    return PROJECT_DIR / 'data_cache'
+    """Where every run layout (main.py, the scripts, kaggle_train.py) keeps the tokenized data, so a
+    corpus is tokenized once: $DUO_DATA_CACHE, else data_cache/ in the project."""
+    return Path(os.environ.get('DUO_DATA_CACHE') or PROJECT_DIR / 'data_cache')
 
 
 def resolve_cache_dir(data) -> Path:
-    """data.cache_dir; a relative path is relative to the project directory."""
+    """data.cache_dir (unset: _default_cache_dir()); a relative path is relative to the project directory."""
     path = Path(os.path.expanduser(str(data.get('cache_dir') or _default_cache_dir())))
     return path if path.is_absolute() else PROJECT_DIR / path
 

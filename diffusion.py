@@ -221,8 +221,8 @@ class Diffusion(L.LightningModule):
         container = lambda node: OmegaConf.to_container(node, resolve=True)
         c = self.config
         return {'version': 1, 'algo': container(c.algo), 'model': container(c.model), 'noise': container(c.noise),
-                'tokenizer': str(c.data.tokenizer_name_or_path), 'vocab_size': self.vocab_size,
-                'mask_id': self.mask_id, 'bos_id': self.bos_id}
+                'data': container(c.data), 'tokenizer': str(c.data.tokenizer_name_or_path),
+                'vocab_size': self.vocab_size, 'mask_id': self.mask_id, 'bos_id': self.bos_id}
 
     def on_load_checkpoint(self, checkpoint):
         if self.ema is not None and 'ema' in checkpoint:

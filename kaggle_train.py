@@ -38,8 +38,11 @@ from pathlib import Path
 
 from hydra.errors import HydraException
 
+import checkpoints
+import dataloader
 import hardware
 import runtime
+from atomic import atomic_write
 
 ROOT = Path(__file__).resolve().parent
 KAGGLE_WORKING = Path('/kaggle/working')
@@ -195,7 +198,6 @@ class Plan:
     data_files: list | None
     output_dir: Path
     run_dir: Path
-    cache_dir: Path
     time_limit: int
     eval_reserve: int
     eval_batches: int | None
@@ -222,7 +224,6 @@ def compose_config(overrides: list[str]):
 
 
 def vocab_size(config) -> int:
-    import dataloader
     return dataloader.model_vocab(dataloader.get_tokenizer(config))[0]
 
 
@@ -249,7 +250,6 @@ def make_plan(args, overrides, device: hardware.Device) -> Plan:
         raise UsageError(f"--algo={args.algo} is unknown: use one of {', '.join(algos)} (e.g. --algo duo_base)")
     subset = None if str(args.subset).lower() in ('all', 'none', '0') else args.subset
     if subset is not None:
-        import dataloader
         subset = dataloader.parse_subset(subset, '--subset')
     output_dir = Path(args.output_dir).expanduser().resolve() if args.output_dir else default_output_dir()
     base = [f'algo={args.algo}', f'model={model}']
@@ -275,7 +275,6 @@ def make_plan(args, overrides, device: hardware.Device) -> Plan:
     return Plan(device=device, model=model, algo=algo, length=length, shape=shape, precision=precision,
                 attn_backend=hardware.attn_backend_for(device), batch=batch, steps=args.steps, subset=subset,
                 data_files=args.data_files, output_dir=output_dir, run_dir=output_dir / run_name,
-                cache_dir=output_dir / 'data_cache',
                 time_limit=parse_duration(args.time_limit, '--time-limit'),
                 eval_reserve=(parse_duration(args.eval_reserve, '--eval-reserve')
                               if set(args.stages) - {'train'} else 0),
@@ -296,8 +295,7 @@ def common_overrides(plan: Plan, eval_batch_size: int) -> list[str]:
     if plan.data_files:
         files = plan.data_files
         out.append('data.data_files=' + (hydra_value(files[0]) if len(files) == 1 else hydra_list(files)))
-    out += [f'data.cache_dir={hydra_value(plan.cache_dir)}',
-            f'loader.batch_size={plan.batch.batch_size}',
+    out += [f'loader.batch_size={plan.batch.batch_size}',
             f'loader.global_batch_size={plan.batch.global_batch_size}',
             f'loader.eval_batch_size={eval_batch_size}']
     if plan.eval_batches:
@@ -360,7 +358,6 @@ def print_plan(plan: Plan, args, commands: dict, train_seconds: int):
     gib = hardware.GIB
     data = ('local files ' + ' '.join(plan.data_files)) if plan.data_files else 'OpenWebText from the Hugging Face hub'
     if plan.subset:
-        import dataloader
         n_train, n_valid = dataloader.subset_split(plan.subset)
         data += f', first {plan.subset} documents ({n_train} train / {n_valid} validation)'
     lines = [
@@ -389,7 +386,7 @@ def print_plan(plan: Plan, args, commands: dict, train_seconds: int):
         f'noise removal {args.noise_removal}; generative perplexity '
         + (f'by {args.gen_ppl_model}' if plan.gen_ppl else 'skipped (offline)'),
         f'  data        : {data}',
-        f'  output      : {plan.run_dir}  (tokenized cache: {plan.cache_dir})',
+        f'  output      : {plan.run_dir}  (tokenized cache: {dataloader.resolve_cache_dir({})})',
         f'  time        : limit {format_max_time(plan.time_limit)} (DD:HH:MM:SS)'
         + (f'; training stops after {format_max_time(train_seconds)}' if 'train' in args.stages else '')
         + (f', {format_max_time(plan.eval_reserve)} kept for evaluation' if plan.eval_reserve else ''),
@@ -436,29 +433,32 @@ def detect_device() -> hardware.Device:
 
 
 def checkpoint_step(path: Path) -> int | None:
-    if not path.is_file():
-        return None
-    import torch
-    return int(torch.load(path, map_location='cpu', weights_only=False, mmap=True).get('global_step', 0))
+    """The optimizer step of a checkpoint (read safely, weights left on disk); None when there is none."""
+    return checkpoints.read_progress(path)[0] if path.is_file() else None
 
 
 def import_previous(plan: Plan, source: str):
     """Copy a previous session's last.ckpt (and its metrics log) into the run directory, unless the
     run directory already holds a checkpoint at least as far along."""
     src = Path(source).expanduser()
-    ckpt = src if src.is_file() else src / 'checkpoints' / 'last.ckpt'
-    if not ckpt.is_file():
-        raise UsageError(f'--resume-from={source} has no checkpoint: give a last.ckpt or a run directory '
-                         f'containing checkpoints/last.ckpt (e.g. /kaggle/input/<notebook>/duo-runs/<run>)')
+    # a last.ckpt, a run directory, or the output directory holding this run's directory (a saved
+    # notebook version's /kaggle/input/<notebook>/ or .../duo-runs/)
+    candidates = [src] if src.is_file() else [src / 'checkpoints' / 'last.ckpt',
+                                              src / plan.run_dir.name / 'checkpoints' / 'last.ckpt']
+    ckpt = next((c for c in candidates if c.is_file()), None)
+    if ckpt is None:
+        raise UsageError(f'--resume-from={source} has no checkpoint: give a last.ckpt, a run directory '
+                         f'containing checkpoints/last.ckpt, or the folder holding {plan.run_dir.name}/ '
+                         f'(e.g. /kaggle/input/<notebook>/duo-runs)')
+    src = ckpt.parent.parent
     theirs, ours = checkpoint_step(ckpt), checkpoint_step(plan.last_ckpt)
     if ours is not None and ours >= theirs:
         print(f'Resume: {plan.last_ckpt} (step {ours}) is not behind {ckpt} (step {theirs}); keeping it')
         return
     plan.last_ckpt.parent.mkdir(parents=True, exist_ok=True)
-    from atomic import atomic_write
     with open(ckpt, 'rb') as f:
         atomic_write(plan.last_ckpt, lambda out: shutil.copyfileobj(f, out, 16 * 2 ** 20))
-    history = (src if src.is_dir() else ckpt.parent.parent) / 'logs' / 'metrics.csv'
+    history = src / 'logs' / 'metrics.csv'
     if history.is_file():  # main.py continues it from the checkpoint's step
         (plan.run_dir / 'logs').mkdir(parents=True, exist_ok=True)
         shutil.copyfile(history, plan.run_dir / 'logs' / 'metrics.csv')
@@ -487,7 +487,6 @@ def probe_worker(spec_json: str):
     from diffusion import StepRunner
     spec = json.loads(spec_json)
     config = settings.resolve(compose_config(['mode=train'] + spec['overrides']))
-    import dataloader
     module = duo_main.build_model(config, dataloader.get_tokenizer(config)).cuda()
     runner = StepRunner(module)
     n_params = sum(p.numel() for p in module.backbone.parameters())
@@ -557,7 +556,8 @@ def plot_history(history: Path, png: Path, title: str) -> bool:
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, points in series.items():
         xs, ys = zip(*points)
-        ax.plot(xs, ys, marker='o' if label.startswith('validation') else None, label=label)
+        # markers where there are few points: a line of one point draws nothing
+        ax.plot(xs, ys, marker='o' if label.startswith('validation') or len(xs) < 50 else None, label=label)
     ax.set_xlabel('step')
     ax.set_ylabel('nats per token')
     ax.set_title(title)
@@ -630,11 +630,12 @@ def print_summary(summary: dict):
 # ---- main ----------------------------------------------------------------------------------
 def run(args, overrides) -> int:
     started = time.time()
-    if not args.dry_run and not args.offline and not args.data_files and not runtime.hub_reachable():
-        raise UsageError('the Hugging Face hub is unreachable and no --data-files were given: turn on the '
-                         'notebook\'s internet, or pass --data-files <local .parquet/.jsonl/.txt> --offline')
-    if not args.offline and not args.dry_run and args.data_files and not runtime.hub_reachable():
-        print('The Hugging Face hub is unreachable: running offline (no generative perplexity)', flush=True)
+    if not args.offline and not runtime.hub_reachable():  # asked once, in seconds
+        if not args.data_files and not args.dry_run:
+            raise UsageError('the Hugging Face hub is unreachable and no --data-files were given: turn on the '
+                             'notebook\'s internet, or pass --data-files <local .parquet/.jsonl/.txt> --offline')
+        print('The Hugging Face hub is unreachable: planning offline (no hub downloads, no generative perplexity '
+              'unless --gen-ppl-model is a local directory)', flush=True)
         args.offline = True
     device = hardware.preset(args.assume_gpu) if args.assume_gpu else detect_device()
     plan = make_plan(args, overrides, device)

@@ -57,11 +57,12 @@ def read_finetune(config) -> checkpoints.Source:
                           f"(e.g. training.finetune_path=outputs/owt/duo-small-L1024/checkpoints/last.ckpt)")
     source = checkpoints.read_source(path, 'training.finetune_path')
     checkpoints.configure_from(config, source, settings.explicit_keys(cli.explicit_overrides()),
-                               'training.finetune_path', algorithm=False)
+                               'training.finetune_path', evaluating=False)
     return source
 
 
-def build_trainer(config, run_dir: Path, for_training: bool, resume_step: int = 0, stop=None) -> L.Trainer:
+def build_trainer(config, run_dir: Path, for_training: bool, resume_step: int = 0, stop=None,
+                  tokenizer=None) -> L.Trainer:
     """The Lightning Trainer; for training with RunCheckpoint, progress lines and `stop` (a
     callbacks.GracefulStop, which also enforces trainer.max_time: Lightning's own timer would count
     the time of earlier runs restored from the checkpoint and stop inside an accumulation window)."""
@@ -69,8 +70,12 @@ def build_trainer(config, run_dir: Path, for_training: bool, resume_step: int = 
     loggers = [callbacks.run_history_logger(run_dir, resume_step)] if for_training else []
     if for_training and config.wandb.enabled or config.wandb.get('offline', False):
         from lightning.pytorch.loggers import WandbLogger
-        loggers.append(WandbLogger(project=config.wandb.project, name=config.wandb.name, save_dir=str(run_dir),
-                                   offline=bool(config.wandb.get('offline', False)), anonymous=False))
+        wandb = WandbLogger(project=config.wandb.project, name=config.wandb.name, save_dir=str(run_dir),
+                            offline=bool(config.wandb.get('offline', False)))
+        # Lightning always passes wandb's deprecated `anonymous` setting, which wandb warns about
+        # (no public way to leave it out; tests/test_main.py checks this private dict).
+        wandb._wandb_init.pop('anonymous', None)
+        loggers.append(wandb)
     tokens_per_step = int(config.loader.global_batch_size) * int(config.model.length)
     monitors = [callbacks.ProgressLog(tokens_per_step)]
     if for_training:
@@ -79,6 +84,8 @@ def build_trainer(config, run_dir: Path, for_training: bool, resume_step: int = 
                                                 int(config.checkpointing.keep_last)))
         if stop is not None:
             monitors.append(stop)
+        if config.eval.generate_samples:
+            monitors.append(callbacks.ValidationSamples(tokenizer, int(config.loader.eval_batch_size)))
     strategy = {'single': 'auto', 'fsdp': 'fsdp'}.get(config.strategy.name)
     if config.strategy.name == 'ddp':
         from lightning.pytorch.strategies import DDPStrategy
@@ -133,7 +140,8 @@ def _train(config, run_dir: Path):
     train_loader.batch_sampler.start = micro_step  # continue after the batches the checkpoint trained on
     budget = settings.max_time_seconds(config.trainer.max_time)
     stop = callbacks.GracefulStop(None if budget is None else STARTED + budget)
-    trainer = build_trainer(config, run_dir, for_training=True, resume_step=resume_step, stop=stop)
+    trainer = build_trainer(config, run_dir, for_training=True, resume_step=resume_step, stop=stop,
+                            tokenizer=tokenizer)
     cli.begin_run(config, run_dir)
     log.info('Training algo=%s, %s, %.1fM parameters; %s', config.algo.name, config.trainer.precision,
              sum(p.numel() for p in model.backbone.parameters()) / 1e6, settings.batch_summary(config))

@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -188,3 +189,46 @@ def special_token_ids(tokenizer) -> dict[str, int]:
         if isinstance(token, str) and token and token_id is not None:
             specials[token] = int(token_id)
     return specials
+
+
+def judge_samples(samples_json, judge: str, batch_size: int = 8, device=None) -> float:
+    """Score the samples a sample_eval run saved (samples.json) with `judge`, and record the
+    generative perplexity in the file: how samples drawn offline are judged later."""
+    import dataloader
+    from atomic import write_text
+    path = Path(samples_json)
+    try:
+        result = json.loads(path.read_text())
+        texts, token_ids, tokenizer_name = result['generated_seqs'], result.get('token_ids'), result['tokenizer']
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f'{path} is not a samples.json of mode=sample_eval ({type(e).__name__}: {e})') from None
+    tokenizer = dataloader.load_tokenizer(tokenizer_name)
+    scorer = GenerativePerplexity(judge, device=device, batch_size=batch_size, tokenizer=tokenizer)
+    result['generative_ppl'] = scorer.compute(texts, eos_token=tokenizer.eos_token, token_ids=token_ids)
+    result['judge'] = judge
+    write_text(path, json.dumps(result, indent=2))
+    return result['generative_ppl']
+
+
+def main(argv=None):
+    import argparse
+    parser = argparse.ArgumentParser(description='Generative perplexity of the samples in a samples.json written by '
+                                                 'mode=sample_eval (e.g. drawn offline): scored by --judge and '
+                                                 'recorded in the file.')
+    parser.add_argument('samples_json')
+    parser.add_argument('--judge', default='gpt2-large',
+                        help='a Hugging Face causal LM (hub id or local directory) or an AR checkpoint of this project')
+    parser.add_argument('--batch-size', type=int, default=8)
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    args = parser.parse_args(argv)
+    try:
+        ppl = judge_samples(args.samples_json, args.judge, args.batch_size, args.device)
+    except ValueError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    print(f'generative perplexity {ppl:.3f} under {args.judge}; recorded in {args.samples_json}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

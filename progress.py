@@ -46,8 +46,12 @@ class Reporter:
             if text:
                 self.bar.set_postfix_str(text, refresh=False)
             return
+        self.poll()
+
+    def poll(self):
+        """Report without advancing (e.g. inside a long step), at most every EVERY_SECONDS."""
         now = time.monotonic()
-        if now - self.last >= EVERY_SECONDS:
+        if self.bar is None and now - self.last >= EVERY_SECONDS:
             self.last = now
             log.info('%s', self.line(now))
 

@@ -3,8 +3,8 @@
 #
 #   scripts/cleanup_kaggle_cache.sh [--dry-run] [--checkpoints] [--hub]
 #
-# Always removes (they are rebuilt when needed): tokenized data caches (data_cache/ under
-# OUTPUT_DIR and in the project), the Hugging Face datasets cache, pip's cache, leftovers of
+# Always removes (they are rebuilt when needed): tokenized data caches ($DUO_DATA_CACHE, data_cache/
+# in the project, and under OUTPUT_DIR), the Hugging Face datasets cache, pip's cache, leftovers of
 # interrupted atomic writes (.*.tmp) and __pycache__. Never removes a last.ckpt.
 #   --checkpoints  also the periodic checkpoints (step-*.ckpt) next to each last.ckpt
 #   --hub          also downloaded Hugging Face models (e.g. the gpt2-large judge, ~3 GB)
@@ -27,6 +27,7 @@ fi
 HF_HOME="${HF_HOME:-$HOME/.cache/huggingface}"
 targets=()
 add() { [[ -e "$1" ]] && targets+=("$1"); return 0; }
+if [[ -n "${DUO_DATA_CACHE:-}" ]]; then add "$DUO_DATA_CACHE"; fi
 add "$OUTPUT_DIR/data_cache"
 add "$PWD/data_cache"
 add "${HF_DATASETS_CACHE:-$HF_HOME/datasets}"

@@ -4,21 +4,15 @@
 #
 #   scripts/gen_owt_kaggle.sh [CHECKPOINT] [extra Hydra overrides ...]
 #
-# Without CHECKPOINT: the newest last.ckpt under OUTPUT_DIR [/kaggle/working, else ./outputs].
-# The model, algorithm and data settings are read from the run's config_train.yaml when it is
-# there (so any checkpoint of kaggle_train.py or train_owt_kaggle.sh evaluates as trained), else
-# the train script's defaults (ALGO, MODEL, LENGTH, OWT_SUBSET_NUM); overrides given here win.
-# Writes samples.json (texts + metrics) into the run directory (or $OUTPUT_DIR/eval when
-# read-only). Offline (HF_HUB_OFFLINE=1) the generative perplexity is skipped; a local judge
-# works: eval.gen_ppl_eval_model_name_or_path=/path/to/gpt2-large.
+# CHECKPOINT: as for eval_owt_kaggle.sh (default: the newest last.ckpt under OUTPUT_DIR). Writes
+# samples.json (texts, token ids, entropy, generative perplexity) into the run directory (or
+# $OUTPUT_DIR/eval when read-only). The samples are saved before the judge loads: offline, or
+# without the judge, they are kept and can be judged later (python metrics.py samples.json --judge DIR);
+# a local judge works directly: eval.gen_ppl_eval_model_name_or_path=/path/to/gpt2-large.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/checkpoint_args.sh
-args=(mode=sample_eval data=openwebtext-split "algo=${ALGO:-duo_base}" "model=${MODEL:-small}" "model.length=${LENGTH:-512}"
-      trainer.precision=16 loader.eval_batch_size=8 sampling.steps=8 sampling.noise_removal=greedy
-      sampling.num_sample_batches=1 "data.cache_dir='$OUTPUT_DIR/data_cache'" "${SAVED[@]}"
-      "eval.checkpoint_path='$CKPT'" "hydra.run.dir='$RUN_DIR'")
-[[ "${HF_HUB_OFFLINE:-0}" == 1 ]] && args+=(eval.compute_generative_perplexity=false)
-args+=("$@")
-echo "+ OWT_SUBSET_NUM=$OWT_SUBSET_NUM $PY main.py ${args[*]}"
+args=(mode=sample_eval loader.eval_batch_size=8 sampling.steps=8 sampling.noise_removal=greedy
+      sampling.num_sample_batches=1 "eval.checkpoint_path='$CKPT'" "hydra.run.dir='$RUN_DIR'" "$@")
+echo "+ $PY main.py ${args[*]}"
 exec "$PY" main.py "${args[@]}"

@@ -615,6 +615,58 @@ def test_killed_build_is_rebuilt(tmp_path, gpt2):
     assert built.path.name.startswith('local-train-L16-')
 
 
+def _zero_64_kib(path):
+    with open(path / 'blocks.bin', 'r+b') as f:
+        f.seek(1024)
+        f.write(bytes(64 * 1024))
+
+
+def _large_ids(path):
+    blocks = np.fromfile(path / 'blocks.bin', dtype=np.uint16)
+    blocks[5:9] = 65535
+    blocks.tofile(path / 'blocks.bin')
+
+
+def _cut_in_half(path):
+    data = (path / 'blocks.bin').read_bytes()
+    (path / 'blocks.bin').write_bytes(data[:len(data) // 2])
+
+
+def _broken_meta(path):
+    (path / 'meta.json').write_text('{"blocks": 12, "length":')
+
+
+@pytest.mark.parametrize('damage', [_zero_64_kib, _large_ids, _cut_in_half, _broken_meta])
+def test_a_damaged_cache_is_named_rebuilt_and_used_only_after(damage, monkeypatch, tmp_path, gpt2, caplog):
+    path = write_jsonl(tmp_path / 'c.jsonl', sentences(400))
+    config = make_config('data=openwebtext-split', f'data.data_files={path}', 'data.subset_num=300',
+                         cache_dir=tmp_path / 'cache')
+    calls = count_builds(monkeypatch)
+    first = dataloader.get_datasets(config, gpt2)['train']
+    expected = np.array(first.blocks)
+    del first
+    damage(dataloader.get_datasets(config, gpt2)['train'].path)
+    with caplog.at_level('WARNING', logger='dataloader'):
+        again = dataloader.get_datasets(config, gpt2)['train']
+    assert calls.count('train') == 2  # rebuilt once, from the documents
+    assert f'The tokenized cache {again.path} is damaged' in caplog.text and 'rebuilding it' in caplog.text
+    np.testing.assert_array_equal(np.array(again.blocks), expected)
+    assert not list((tmp_path / 'cache').glob('.*.tmp'))
+
+
+def test_a_cache_with_ids_beyond_the_model_is_never_used(tmp_path, gpt2):
+    """A valid cache (its checksum intact) whose ids the model cannot predict (e.g. tokenized with
+    another tokenizer's vocabulary): opening it with K checks every id."""
+    path = write_jsonl(tmp_path / 'c.jsonl', sentences(50))
+    source = dataloader.document_sources(make_config('data=local', f'data.train_files={path}').data)['train']
+    data = make_config('data=local', cache_dir=tmp_path).data
+    cache = dataloader.cached_blocks(source, gpt2, 50258, data, 16, True, True, 'train')
+    top = int(np.array(cache.blocks).max())
+    dataloader.BlockCache(cache.path, top + 1)
+    with pytest.raises(dataloader.CacheDamaged, match=f'holds the id {top}, but the model has {top} classes'):
+        dataloader.BlockCache(cache.path, top)
+
+
 def test_stale_builds_are_removed_unless_running(tmp_path):
     root = tmp_path
     (root / '.a-train-L8-k1.abc123.tmp').mkdir()

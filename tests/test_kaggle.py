@@ -326,6 +326,17 @@ def test_dry_run_on_this_cpu_plans_fp32(capsys, tmp_path):
     assert 'mode=ppl_eval' not in out
 
 
+@pytest.mark.parametrize('algo', sorted(__import__('algorithms').ALGORITHMS))
+def test_every_algorithm_runs_through_the_setup_check_and_the_plan(algo, capsys, tmp_path):
+    """The setup check's training step (two optimizer steps through diffusion.StepRunner, what the GPU
+    probe runs too) and kaggle_train.py's plan work for every registered algorithm."""
+    detail = setup.check_training_step(hardware.preset('cpu'), '32', algo)
+    assert f'algo={algo} on cpu in 32' in detail and 'weight tensors updated' in detail
+    code, out, err = dry_run(capsys, '--output-dir', str(tmp_path), '--algo', algo, '--stages', 'train')
+    assert code == 0, err
+    assert f'algo={algo}' in train_command(out)
+
+
 def test_dry_run_on_ampere_uses_bf16_and_passes_overrides_last(capsys, tmp_path):
     code, out, _ = dry_run(capsys, '--assume-gpu', 'a100-80', '--algo', 'mdlm', '--output-dir', str(tmp_path),
                            'optim.lr=1e-4', 'model.length=256')
@@ -407,12 +418,12 @@ def test_setup_checkpoint_and_data_checks(tmp_path):
         setup.check_checkpoint(blocked / 'out')
     assert 'writable --output-dir' in e.value.fix
     (tmp_path / 'docs.jsonl').write_text('{"text": "hello there"}\n{"text": "again"}\n')
-    assert 'first document 11 characters' in setup.check_local_data([str(tmp_path / 'docs.jsonl')], tmp_path)
+    assert 'first document 11 characters' in setup.check_local_data([str(tmp_path / 'docs.jsonl')])
     (tmp_path / 'empty.jsonl').write_text('{"text": ""}\n')
     with pytest.raises(setup.Fail, match='no document'):
-        setup.check_local_data([str(tmp_path / 'empty.jsonl')], tmp_path)
+        setup.check_local_data([str(tmp_path / 'empty.jsonl')])
     with pytest.raises(ValueError, match='matches no files'):
-        setup.check_local_data([str(tmp_path / 'nothing*.parquet')], tmp_path)
+        setup.check_local_data([str(tmp_path / 'nothing*.parquet')])
 
 
 @pytest.mark.slow
@@ -498,7 +509,7 @@ def test_scripts_train_evaluate_sample_and_clean(tmp_path):
     corpus = markov_corpus(tmp_path / 'corpus.jsonl', 300)
     out = tmp_path / 'out'
     env = dict(os.environ, PYTHON=sys.executable, OUTPUT_DIR=str(out), OWT_SUBSET_NUM='300', MODEL='micro',
-               LENGTH='32', HF_HUB_OFFLINE='1')
+               LENGTH='32', HF_HUB_OFFLINE='1', DUO_DATA_CACHE=str(out / 'data_cache'))
     tiny = [f'data.data_files={corpus}', *TINY, 'loader.batch_size=4', 'loader.global_batch_size=8',
             'trainer.max_steps=12', 'trainer.limit_val_batches=2', 'trainer.val_check_interval=1000']
 

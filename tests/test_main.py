@@ -13,7 +13,6 @@ import sys
 import numpy as np
 import pytest
 
-import callbacks
 from conftest import ROOT
 
 ALPHABET = 'abcd '
@@ -136,32 +135,16 @@ def test_ar_train_resume_eval_reaches_the_source_entropy(markov_corpus, tmp_path
 def test_diffusion_bound_is_never_below_the_source_entropy(markov_corpus, tmp_path, algo):
     corpus_dir, valid = markov_corpus
     args = common(corpus_dir, tmp_path / 'run', algo)
-    run_main('mode=train', 'trainer.max_steps=60', *args)
+    run_main('mode=train', 'trainer.max_steps=500', *args)
     run_main('mode=ppl_eval', *args)
     result = json.loads((tmp_path / 'run' / 'ppl_eval.json').read_text())
     total, n_blocks = exact_block_nll(valid)
     assert result['tokens'] == n_blocks * LENGTH  # diffusion counts every position
     assert result['nll'] >= total / result['tokens'], (result['nll'], total / result['tokens'])
-
-
-def test_metrics_log_continues_across_resumes(tmp_path):
-    """A resumed run keeps the rows its checkpoint had reached and drops the later ones."""
-    import csv
-    logs = tmp_path / 'logs'
-    logs.mkdir()
-    with open(logs / 'metrics.csv', 'w', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=['step', 'train/loss', 'val/nll'])
-        writer.writeheader()
-        writer.writerows([{'step': 9, 'train/loss': 3.0}, {'step': 19, 'train/loss': 2.0},
-                          {'step': 19, 'val/nll': 2.5}, {'step': 29, 'train/loss': 1.0}])
-    logger = callbacks.run_history_logger(tmp_path, resume_step=20)  # the checkpoint is at step 20
-    logger.log_metrics({'train/loss': 1.5}, step=29)
-    logger.log_metrics({'train/lr': 0.1}, step=39)  # a new column
-    logger.save()
-    with open(logs / 'metrics.csv', newline='') as f:
-        rows = [(r['step'], r['train/loss'], r['val/nll'], r['train/lr']) for r in csv.DictReader(f)]
-    assert rows == [('9', '3.0', '', ''), ('19', '2.0', '', ''), ('19', '', '2.5', ''), ('29', '1.5', '', ''),
-                    ('39', '', '', '0.1')]
+    # ... and the other side: a trained model's bound beats the characters' unigram entropy
+    pi = stationary(TRANSITIONS)
+    unigram = -float(np.log(pi)[[ALPHABET.index(c) for c in valid[:n_blocks * (LENGTH - 2)]]].sum())
+    assert result['nll'] < unigram / result['tokens'], (result['nll'], unigram / result['tokens'])
 
 
 @pytest.mark.slow
@@ -179,3 +162,116 @@ def test_ddp_on_two_cpu_processes(markov_corpus, tmp_path):
     assert (step, micro_step) == (6, 12)  # per rank: 6 optimizer steps of 2 micro-batches
     run_main('mode=ppl_eval', 'trainer.limit_val_batches=2', *args)
     assert json.loads((tmp_path / 'run' / 'ppl_eval.json').read_text())['tokens'] == 2 * 8 * LENGTH
+
+
+# ---- the modes in-process (fast) ---------------------------------------------------------
+def in_process_config(tmp_path, *overrides, run='run'):
+    """A resolved configuration for main's modes called directly (no Hydra run directory)."""
+    import settings
+    from hydra import compose, initialize_config_dir
+    corpus = tmp_path / 'corpus'
+    if not corpus.exists():
+        corpus.mkdir()
+        write_markov_corpus(corpus, 6_000, 1_000)
+    base = ['data=local', f'data.train_files={corpus}/train.txt', f'data.valid_files={corpus}/valid.txt',
+            'data.tokenizer_name_or_path=text8', f'data.cache_dir={corpus}/cache', 'model=micro', 'model.length=16',
+            'model.hidden_size=32', 'model.n_heads=2', 'model.n_blocks=1', 'model.cond_dim=16', 'loader.num_workers=0',
+            'loader.global_batch_size=4', 'trainer.accelerator=cpu', 'trainer.num_sanity_val_steps=0',
+            'trainer.val_check_interval=1000', 'training.ema=0.9', 'optim.lr=1e-2', 'lr_scheduler.num_warmup_steps=0',
+            f'checkpointing.save_dir={tmp_path / run}', f'eval.results_path={tmp_path / "ppl_eval.json"}',
+            f'eval.generated_samples_path={tmp_path / "samples.json"}']
+    with initialize_config_dir(config_dir=str(ROOT / 'configs'), version_base=None):
+        return settings.resolve(compose(config_name='config', overrides=[*base, *overrides]))
+
+
+def saved_model(tmp_path, algo, raw, ema):
+    """A checkpoint of `algo` whose weights are raw(p) and whose EMA is ema(p), parameter by parameter."""
+    import torch
+    from dataloader import Text8Tokenizer, model_vocab
+    from diffusion import Diffusion
+    config = in_process_config(tmp_path, f'algo={algo}')
+    module = Diffusion(config, *model_vocab(Text8Tokenizer()), 2)
+    with torch.no_grad():
+        for name, p in module.backbone.named_parameters():
+            p.copy_(raw(name, p))
+    module.ema.shadow_params = [ema(name, p).detach().clone() for name, p in module.backbone.named_parameters()]
+    checkpoint = {'state_dict': module.state_dict(), 'global_step': 1}
+    module.on_save_checkpoint(checkpoint)
+    path = tmp_path / f'{algo}.ckpt'
+    torch.save(checkpoint, path)
+    return path
+
+
+def only_letter(letter):
+    """Weights whose every prediction is `letter` (output bias +30 there), whatever the input."""
+    import torch
+    from dataloader import Text8Tokenizer
+    target = Text8Tokenizer().encode(letter)[0]
+
+    def weights(name, p):
+        if name == 'output_layer.linear.bias':
+            bias = torch.zeros_like(p)
+            bias[target] = 30.0
+            return bias
+        return torch.zeros_like(p)
+    return weights
+
+
+def test_sample_eval_and_ppl_eval_use_the_ema_weights(tmp_path):
+    """An MDLM checkpoint whose raw weights write only 'z' (a letter the corpus never has) and whose
+    EMA writes only 'b': sample_eval samples 'b' ('z' with eval.disable_ema=true); ppl_eval's bound is
+    the EMA's. A masked token the model predicts costs nothing, any other about 30 nats, so with
+    log-linear weights the bound is about 30 (1 - eps) times the share of tokens it does not predict."""
+    import main
+    path = saved_model(tmp_path, 'mdlm', raw=only_letter('z'), ema=only_letter('b'))
+    common = ['mode=sample_eval', f'eval.checkpoint_path={path}', 'sampling.steps=4', 'sampling.num_sample_batches=1',
+              'loader.eval_batch_size=2', 'eval.compute_generative_perplexity=false']
+    for extra, letter in (([], 'b'), (['eval.disable_ema=true'], 'z')):
+        result = main.sample_eval(in_process_config(tmp_path, *common, *extra), tmp_path)
+        assert all(set(text[1:-1]) == {letter} for text in result['generated_seqs']), (extra, result['generated_seqs'])
+    ema = main.ppl_eval(in_process_config(tmp_path, 'mode=ppl_eval', f'eval.checkpoint_path={path}'), tmp_path)
+    raw = main.ppl_eval(in_process_config(tmp_path, 'mode=ppl_eval', f'eval.checkpoint_path={path}',
+                                          'eval.disable_ema=true'), tmp_path)
+    valid = (tmp_path / 'corpus' / 'valid.txt').read_text()
+    share_b = valid.count('b') / len(valid) * (LENGTH - 2) / LENGTH  # BOS and EOS are never 'b'
+    assert raw['nll'] == pytest.approx(30 * 0.999, rel=0.1)
+    assert ema['nll'] == pytest.approx(30 * 0.999 * (1 - share_b), rel=0.1) and ema['nll'] < raw['nll'] - 3
+
+
+def test_samples_are_kept_when_the_judge_cannot_load_and_judged_later(tmp_path, caplog):
+    import main
+    import metrics
+    path = saved_model(tmp_path, 'mdlm', raw=only_letter('b'), ema=only_letter('b'))
+    config = in_process_config(tmp_path, 'mode=sample_eval', f'eval.checkpoint_path={path}', 'sampling.steps=4',
+                               'sampling.num_sample_batches=1', 'loader.eval_batch_size=2',
+                               'eval.gen_ppl_eval_model_name_or_path=gpt2-large')  # offline in the tests
+    with caplog.at_level('WARNING', logger='duo'):
+        main.sample_eval(config, tmp_path)
+    saved = json.loads((tmp_path / 'samples.json').read_text())
+    assert len(saved['generated_seqs']) == 2 and saved['generative_ppl'] is None and saved['entropy'] >= 0
+    assert len(saved['token_ids']) == 2 and saved['tokenizer'] == 'text8'
+    assert 'python metrics.py' in caplog.text and str(tmp_path / 'samples.json') in caplog.text
+    judge = saved_model(tmp_path, 'ar', raw=lambda n, p: p.detach() * 0, ema=lambda n, p: p.detach() * 0)
+    assert metrics.main([str(tmp_path / 'samples.json'), '--judge', str(judge), '--device', 'cpu']) == 0
+    judged = json.loads((tmp_path / 'samples.json').read_text())
+    # a zero AR model predicts uniformly over the 35 - 1 ids it can emit: exp(log 34) per token
+    assert judged['generative_ppl'] == pytest.approx(34.0, rel=1e-4) and judged['judge'] == str(judge)
+
+
+def test_a_resumed_run_continues_the_data_and_noise_where_it_stopped(tmp_path):
+    """Train 4 steps straight, and 2 + 2 with a resume: the weights are bitwise equal (the data
+    position and every step's noise come back from the checkpoint)."""
+    import torch
+    import checkpoints
+    import main
+    torch.manual_seed(1)  # as main.py seeds before building the model
+    main.train(in_process_config(tmp_path, 'mode=train', 'trainer.max_steps=4', run='straight'), tmp_path / 'straight')
+    torch.manual_seed(1)
+    main.train(in_process_config(tmp_path, 'mode=train', 'trainer.max_steps=2', run='resumed'), tmp_path / 'resumed')
+    assert checkpoints.read_progress(tmp_path / 'resumed' / 'checkpoints' / 'last.ckpt') == (2, 2)
+    main.train(in_process_config(tmp_path, 'mode=train', 'trainer.max_steps=4', run='resumed'), tmp_path / 'resumed')
+    a = checkpoints.read_checkpoint(tmp_path / 'straight' / 'checkpoints' / 'last.ckpt')
+    b = checkpoints.read_checkpoint(tmp_path / 'resumed' / 'checkpoints' / 'last.ckpt')
+    assert a['global_step'] == b['global_step'] == 4
+    for key, value in a['state_dict'].items():
+        assert torch.equal(value, b['state_dict'][key]), key

@@ -16,9 +16,16 @@ def _central_difference(f, t, h=1e-5):
 
 @pytest.mark.parametrize('eps', [1e-3, 0.05])
 def test_log_linear(eps):
+    """SPEC §3 defines log-linear by its ends and its shape: alpha_0 = 1, alpha_1 = eps, linear in t
+    (so the network's sigma = -log alpha is what is log-linear). Checked from that definition: the
+    chord through the two ends, and equal steps of alpha for equal steps of t."""
     s = ns.LogLinear(eps)
     t = torch.linspace(0, 1, 101, dtype=torch.float64)
-    torch.testing.assert_close(s.alpha(t), 1 - (1 - eps) * t)
+    ends = s.alpha(torch.tensor([0.0, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(ends, torch.tensor([1.0, eps], dtype=torch.float64), rtol=0, atol=1e-15)
+    torch.testing.assert_close(s.alpha(t), ends[0] + t * (ends[1] - ends[0]), rtol=0, atol=1e-15)
+    steps = s.alpha(t).diff()
+    torch.testing.assert_close(steps, torch.full_like(steps, -(1 - eps) / 100), rtol=1e-12, atol=0)
     assert s.alpha(torch.tensor(0.0, dtype=torch.float64)) == 1
     assert abs(s.alpha(torch.tensor(1.0, dtype=torch.float64)) - eps) < 1e-15
     inner = t[1:-1]
