@@ -165,8 +165,8 @@ class DUOBase(_Diffusion):
 
 
 # ---- the DUO curriculum's settings -----------------------------------------------------------
-# Each curriculum setting has two spellings (SPEC-2 §14): ch-1's flat key and upstream main's key in the
-# algo.curriculum block, both null unless given. {block key: (flat key, default when neither is given)}.
+# Each curriculum setting has two spellings (SPEC-2 §14): the flat key of the DUO paper's code and upstream
+# main's key in the algo.curriculum block, both null unless given. {block key: (flat key, default)}.
 CURRICULUM_KEYS = {
     'gamma_min': ('gamma_min', -3.55),
     'gamma_max': ('gamma_max', -1.85),

@@ -371,7 +371,7 @@ class _TableBackbone:
 
 
 def _duo_config(tau_log10: float, start: int = 0, end: int = 100, gamma=(-3.55, -1.85), **curriculum):
-    """A DUO config in ch-1's flat keys; `curriculum`: keys of the algo.curriculum block (e.g. mode, top_k)."""
+    """A DUO config in the flat keys; `curriculum`: keys of the algo.curriculum block (e.g. mode, top_k)."""
     return OmegaConf.create({
         'noise': {'type': 'log-linear', 'eps': 1e-3},
         'algo': {'time_conditioning': True, 'gamma_min': gamma[0], 'gamma_max': gamma[1], 'gumbel_tau_log10_start': tau_log10,

@@ -384,7 +384,7 @@ def test_bad_curriculum_range_gives_one_clear_line():
         algorithms.DUO(make_config('algo=duo', 'algo.curriculum.gamma_min=0', 'algo.gamma_max=-1'), K, MASK)
 
 
-# upstream main's scripts/train_lm1b_duo.sh, and the same settings in ch-1's flat keys
+# upstream main's scripts/train_lm1b_duo.sh, and the same settings in the flat keys
 UPSTREAM_LM1B = ['algo.curriculum.mode=simple', 'algo.curriculum.gumbel_tau_log10_start=-3.0',
                  'algo.curriculum.gumbel_tau_log10_end=-3.0', 'algo.curriculum.gamma_min=-3.5',
                  'algo.curriculum.gamma_max=-1.75', 'algo.curriculum.start=0', 'algo.curriculum.end=500000']
@@ -397,7 +397,7 @@ def test_both_spellings_of_the_curriculum_settings_give_the_same_curriculum():
     for overrides in (UPSTREAM_LM1B, FLAT_LM1B, UPSTREAM_LM1B + FLAT_LM1B, UPSTREAM_LM1B[:4] + FLAT_LM1B[3:],
                       ['algo.curriculum.gamma_min=-3.50', 'algo.gamma_min=-3.5', *FLAT_LM1B[1:]]):
         assert algorithms.curriculum_settings(make_config('algo=duo', *overrides), K) == lm1b, overrides
-    # neither spelling: ch-1's defaults (the DUO paper's OWT recipe, SPEC §5)
+    # neither spelling: the defaults (the DUO paper's OWT recipe, SPEC §5)
     assert algorithms.curriculum_settings(make_config('algo=duo'), K) == algorithms.CurriculumSettings(
         'simple', None, -3.55, -1.85, -3.0, -3.0, 0, 500_000)
     a = algorithms.DUO(make_config('algo=duo', 'algo.curriculum.gamma_min=-3.5', 'algo.curriculum.gamma_max=-1.75',
