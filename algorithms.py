@@ -8,6 +8,7 @@ class: adding one means a class here, its pure maths, a configs/algo/<name>.yaml
 """
 import copy
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -210,26 +211,109 @@ class DUOBase(_Diffusion):
         return DUOBase.loss(self, module, x0, attention_mask, t, step)
 
 
-class DUO(DUOBase):
-    """DUO: the Gaussian-duality curriculum until `curriculum_end`, then DUO-base (SPEC §5).
+# ---- the DUO curriculum's settings -----------------------------------------------------------
+# Each curriculum setting has two spellings (SPEC-2 §14): the flat key of the DUO paper's code and upstream
+# main's key in the algo.curriculum block, both null unless given. {block key: (flat key, default)}.
+CURRICULUM_KEYS = {
+    'gamma_min': ('gamma_min', -3.55),
+    'gamma_max': ('gamma_max', -1.85),
+    'gumbel_tau_log10_start': ('gumbel_tau_log10_start', -3.0),
+    'gumbel_tau_log10_end': ('gumbel_tau_log10_end', -3.0),
+    'start': ('curriculum_start', 0),
+    'end': ('curriculum_end', 500_000),
+}
+DEFAULT_TOP_K = 2  # the top-k modes' k when algo.curriculum.top_k is not given (upstream's -1 crashes)
+# Upstream keys with no use here: accepted for its command lines, and ignored with a log line.
+IGNORED_CURRICULUM_KEYS = {
+    'integral_cache_path': 'no pickle is read: the operator is tabulated and cached as .npz under DUO_CACHE_DIR',
+    'cache_dir': 'the fitted polynomial is cached as .npz under DUO_CACHE_DIR, keyed by K, the gamma range and '
+                 'the degree',
+    'n_series_terms': 'mode=series uses the exact tabulated operator, no truncated series',
+}
 
-    During the curriculum z_t = argmax(w) with w = alpha~ x + sigma~ eps the Gaussian latent,
-    the network sees the relaxed one-hot softmax(w / tau), and the loss is the DUO-base loss at
-    alpha_t = T(gamma_t), alpha'_t = T'(gamma_t)(gamma_max - gamma_min). Validation always reports
-    the exact DUO-base bound with the configured noise schedule: the curriculum loss only covers
-    the alphas of [gamma_min, gamma_max] and feeds the network more than z_t, so it bounds nothing.
+
+@dataclass(frozen=True)
+class CurriculumSettings:
+    """The DUO curriculum as configured: mode, top_k (None for mode=simple: the full relaxed one-hot
+    input), the gamma range, the temperature's log10 at start and end, the start and end steps."""
+    mode: str
+    top_k: int | None
+    gamma_min: float
+    gamma_max: float
+    tau_log10_start: float
+    tau_log10_end: float
+    start: int
+    end: int
+
+
+def curriculum_settings(config, vocab_size: int) -> CurriculumSettings:
+    """The curriculum settings of `config` (algo=duo) for a vocabulary of vocab_size ids: each from
+    whichever spelling gives it (CURRICULUM_KEYS), else its default; ConfigError (one line) when the two
+    spellings disagree, a value has the wrong type or range, or top_k does not fit the mode."""
+    algo = config.algo
+    block = algo.get('curriculum') or {}
+    values, names = {}, {}
+    for key, (flat, default) in CURRICULUM_KEYS.items():
+        number = settings.setting_int if isinstance(default, int) else settings.setting_float
+        given = {name: number(config, name, default) for name, value in
+                 ((f'algo.curriculum.{key}', block.get(key)), (f'algo.{flat}', algo.get(flat))) if value is not None}
+        if len(set(given.values())) > 1:
+            (name_a, a), (name_b, b) = given.items()
+            raise ConfigError(f"{name_a}={a} and {name_b}={b} disagree: give the setting once "
+                              f"(e.g. {name_a}={a})")
+        names[key] = next(iter(given), f'algo.{flat}')
+        values[key] = next(iter(given.values()), default)
+    if not values['gamma_min'] < values['gamma_max']:
+        raise ConfigError(f"{names['gamma_min']}={values['gamma_min']} must be < {names['gamma_max']}="
+                          f"{values['gamma_max']} (e.g. {names['gamma_min']}=-3.55 {names['gamma_max']}=-1.85)")
+    if not 0 <= values['start'] <= values['end']:
+        raise ConfigError(f"{names['start']}={values['start']} and {names['end']}={values['end']} must satisfy "
+                          f"0 <= start <= end (e.g. {names['start']}=0 {names['end']}=500000)")
+    mode = block.get('mode', 'simple')
+    noise_schedule.check_curriculum_mode(mode)
+    top_k = None
+    if block.get('top_k') is not None:
+        if mode == 'simple':
+            raise ConfigError(f"algo.curriculum.top_k={block.get('top_k')} needs a top-k mode: algo.curriculum.mode=simple "
+                              f"feeds the full relaxed one-hot (e.g. algo.curriculum.mode=poly9 "
+                              f"algo.curriculum.top_k={block.get('top_k')})")
+        top_k = settings.setting_int(config, 'algo.curriculum.top_k', DEFAULT_TOP_K)
+        if not 1 <= top_k <= vocab_size - 1:
+            raise ConfigError(f"algo.curriculum.top_k={top_k} must be in [1, K-1 = {vocab_size - 1}] "
+                              f"(e.g. algo.curriculum.top_k={DEFAULT_TOP_K})")
+    elif mode != 'simple':
+        top_k = min(DEFAULT_TOP_K, vocab_size - 1)
+    return CurriculumSettings(mode, top_k, values['gamma_min'], values['gamma_max'], values['gumbel_tau_log10_start'],
+                              values['gumbel_tau_log10_end'], values['start'], values['end'])
+
+
+class DUO(DUOBase):
+    """DUO: the Gaussian-duality curriculum until `curriculum_end`, then DUO-base (SPEC §5, SPEC-2 §14).
+
+    During the curriculum z_t = argmax(w) with w = alpha~ x + sigma~ eps the Gaussian latent, the loss
+    is the DUO-base loss at alpha_t, alpha'_t of the curriculum operator (exact: T(gamma_t),
+    T'(gamma_t)(gamma_max - gamma_min); poly modes: the fitted polynomial in t and its derivative), and
+    the network sees a relaxation of z_t: with mode=simple softmax(w / tau) over the whole vocabulary,
+    in the top-k modes the k largest coordinates of w as ids and weights (latents.topk_relaxed_latent).
+    Validation always reports the exact DUO-base bound with the configured noise schedule: the
+    curriculum loss only covers the alphas of [gamma_min, gamma_max] and feeds the network more than
+    z_t, so it bounds nothing.
     """
 
     def __init__(self, config, vocab_size, mask_id):
         super().__init__(config, vocab_size, mask_id)
-        algo = config.algo
-        self.curriculum = noise_schedule.GaussianCurriculum(algo.gamma_min, algo.gamma_max, vocab_size)
-        self.start, self.end = int(algo.curriculum_start), int(algo.curriculum_end)
-        if not 0 <= self.start <= self.end:
-            raise ConfigError(f"algo.curriculum_start={algo.curriculum_start} and algo.curriculum_end="
-                              f"{algo.curriculum_end} must satisfy 0 <= start <= end "
-                              f"(e.g. algo.curriculum_start=0 algo.curriculum_end=500000)")
-        self.log10_tau_start, self.log10_tau_end = algo.gumbel_tau_log10_start, algo.gumbel_tau_log10_end
+        c = curriculum_settings(config, vocab_size)
+        self.mode, self.top_k = c.mode, c.top_k
+        self.curriculum = noise_schedule.curriculum_operator(c.mode, c.gamma_min, c.gamma_max, vocab_size)
+        if isinstance(self.curriculum, noise_schedule.PolyCurriculum):
+            check_fitted_operator(self.curriculum, c.mode)
+        self.start, self.end = c.start, c.end
+        self.log10_tau_start, self.log10_tau_end = c.tau_log10_start, c.tau_log10_end
+        block = config.algo.get('curriculum') or {}
+        for key, why in IGNORED_CURRICULUM_KEYS.items():
+            if block.get(key) is not None:
+                log.info('algo.curriculum.%s=%s is accepted for upstream command lines and ignored: %s',
+                         key, block.get(key), why)
         self._announced_end = False
 
     def tau(self, step):
@@ -256,10 +340,30 @@ class DUO(DUOBase):
             return super().loss(module, x0, attention_mask, t, step)
         gamma = self.curriculum.gamma(t)
         alpha, dalpha = self.curriculum.alpha(t)[:, None], self.curriculum.dalpha(t)[:, None]
-        xt, weights = latents.relaxed_gaussian_latent(x0, gamma, self.vocab_size, self.tau(step))
-        logits = module.backbone(weights, self.sigma(alpha), attention_mask=attention_mask)
+        if self.top_k is None:
+            xt, weights = latents.relaxed_gaussian_latent(x0, gamma, self.vocab_size, self.tau(step))
+            logits = module.backbone(weights, self.sigma(alpha), attention_mask=attention_mask)
+        else:
+            xt, ids, weights = latents.topk_relaxed_latent(x0, gamma, self.vocab_size, self.tau(step), self.top_k)
+            logits = module.backbone(ids, self.sigma(alpha), attention_mask=attention_mask, weights=weights)
         del weights
         return losses.duo_loss(logits, x0, xt, alpha, dalpha, reuse_logits=True), attention_mask
+
+
+def check_fitted_operator(operator, mode: str, points: int = 1001):
+    """ConfigError unless the fitted alpha_t is a noise schedule on [0, 1]: 0 < alpha_t <= 1 and
+    alpha'_t < 0 at `points` equally spaced t (outside that a loss weight alpha'_t / alpha_t changes sign
+    or sigma = -log alpha_t is undefined); logs its distance to the exact operator."""
+    t = torch.linspace(0, 1, points, dtype=torch.float64)
+    alpha, dalpha = operator.alpha(t), operator.dalpha(t)
+    where = f'gamma in [{operator.gamma_min}, {operator.gamma_max}] (K={operator.vocab_size})'
+    if not ((alpha > 0) & (alpha <= 1) & (dalpha < 0)).all():
+        raise ConfigError(f"algo.curriculum.mode={mode} cannot represent the duality operator on {where}: the fitted "
+                          f"alpha_t leaves (0, 1] or stops decreasing; use the exact operator with the top-k input "
+                          f"(algo.curriculum.mode=efficient_cached) or narrow the gamma range")
+    exact = noise_schedule.GaussianCurriculum(operator.gamma_min, operator.gamma_max, operator.vocab_size)
+    log.info('algo.curriculum.mode=%s on %s: max |alpha - T| = %.2g, max |alpha\' - T\'| / |T\'| = %.2g', mode, where,
+             (alpha - exact.alpha(t)).abs().max().item(), ((dalpha - exact.dalpha(t)) / exact.dalpha(t)).abs().max().item())
 
 
 class Distillation(DUOBase):

@@ -241,7 +241,8 @@ def _chunk_rows(K: int, device: str = 'cuda') -> int:
 
 
 def train_step_bytes(s: ModelShape, batch: int, precision: str, algo: str, world: int = 1,
-                     ema: bool = True, mask_bytes: int = 1, device: str = 'cuda') -> MemoryEstimate:
+                     ema: bool = True, mask_bytes: int = 1, device: str = 'cuda',
+                     top_k: int | None = None) -> MemoryEstimate:
     """Peak bytes on one device for a training step with `batch` sequences of `s.length` tokens.
 
     Assumptions (see also block_activation_bytes):
@@ -252,8 +253,10 @@ def train_step_bytes(s: ModelShape, batch: int, precision: str, algo: str, world
     - the peak is in the loss's backward pass: every activation is alive, plus the (B, L, K)
       buffers of LOGIT_BUFFERS in the compute dtype, the loss's float32 block temporaries (block
       rows of `device`) and the output layer's weight gradient in the compute dtype.
-    - algo=duo (curriculum) also keeps its relaxed one-hot input (B, L, K) float32 for the
-      embedding's gradient; distillation keeps the teacher's logits.
+    - algo=duo (curriculum, algo.curriculum.mode=simple) also keeps its relaxed one-hot input
+      (B, L, K) float32 for the embedding's gradient; with `top_k` (the Duo++ top-k modes) the input
+      is k ids (int64) and k float32 weights per token instead, whatever K; distillation keeps the
+      teacher's logits.
     - the optimizer step's peak (states plus one float32 temporary per parameter in foreach
       AdamW) is compared too; attention never materialises (L, L) scores.
     """
@@ -274,7 +277,7 @@ def train_step_bytes(s: ModelShape, batch: int, precision: str, algo: str, world
              'logits+grads': LOGIT_BUFFERS.get(algo, 4) * h * K * tokens + h * K * s.hidden_size,
              'loss temporaries': LOSS_CHUNK_BUFFERS.get(algo, 7) * 4 * K * min(tokens, _chunk_rows(K, device))}
     if algo == 'duo':
-        parts['relaxed input'] = 4 * K * tokens
+        parts.update(curriculum_input_bytes(K, tokens, top_k))
     elif algo == 'distillation':
         parts['teacher logits'] = h * K * tokens
     backward = sum(parts.values())
@@ -282,7 +285,16 @@ def train_step_bytes(s: ModelShape, batch: int, precision: str, algo: str, world
     return MemoryEstimate(max(backward, optimizer), parts)
 
 
-def eval_step_bytes(s: ModelShape, batch: int, precision: str, algo: str, ema: bool = True) -> MemoryEstimate:
+def curriculum_input_bytes(vocab_size: int, tokens: int, top_k: int | None) -> dict:
+    """The DUO curriculum's network input kept for backward: {part: bytes}. mode=simple: the relaxed
+    one-hot (B, L, K) float32; the top-k modes (top_k = k): ids int64 and weights float32, (B, L, k) each."""
+    if top_k is None:
+        return {'relaxed input': 4 * vocab_size * tokens}
+    return {'top-k input': (8 + 4) * top_k * tokens}
+
+
+def eval_step_bytes(s: ModelShape, batch: int, precision: str, algo: str, ema: bool = True,
+                    top_k: int | None = None) -> MemoryEstimate:
     """Peak bytes of a validation step inside training: the training states plus the EMA swap's
     backup copy, the logits, the loss's forward chunk temporaries and one block's transients."""
     half = runtime.is_half(precision)
@@ -294,7 +306,7 @@ def eval_step_bytes(s: ModelShape, batch: int, precision: str, algo: str, ema: b
              'loss temporaries': 3 * 4 * s.vocab_size * min(tokens, _chunk_rows(s.vocab_size)),
              'block transients': tokens * block_activation_bytes(s, half)}
     if algo == 'duo':
-        parts['relaxed input'] = 4 * s.vocab_size * tokens
+        parts.update(curriculum_input_bytes(s.vocab_size, tokens, top_k))
     return MemoryEstimate(sum(parts.values()), parts)
 
 
@@ -337,10 +349,10 @@ def divisors(n: int) -> list[int]:
 
 
 def plan_batch(device: Device, s: ModelShape, algo: str, precision: str, global_batch: int,
-               batch_size: int | None = None, ema: bool = True) -> BatchPlan:
+               batch_size: int | None = None, ema: bool = True, top_k: int | None = None) -> BatchPlan:
     """The largest per-device batch (a divisor of global_batch / devices) whose estimated peak
     fits the budget, or the given batch_size checked against it; accumulation reaches the
-    global batch exactly."""
+    global batch exactly. top_k: algo=duo's top-k curriculum (None: mode=simple)."""
     world = device.count if device.is_gpu else 1
     if global_batch < 1:
         raise PlanError(f'--global-batch-size={global_batch} must be >= 1 (e.g. --global-batch-size=64)')
@@ -352,7 +364,7 @@ def plan_batch(device: Device, s: ModelShape, algo: str, precision: str, global_
     mask_bytes = 1 if device.is_gpu else (2 if runtime.is_half(precision) else 4)
 
     def estimate(b):
-        return train_step_bytes(s, b, precision, algo, world, ema, mask_bytes)
+        return train_step_bytes(s, b, precision, algo, world, ema, mask_bytes, top_k=top_k)
 
     if batch_size is not None:
         if batch_size < 1 or per_device % batch_size:
@@ -374,7 +386,7 @@ def plan_batch(device: Device, s: ModelShape, algo: str, precision: str, global_
         chosen, fits, note = fitting[-1], True, ''
         est = estimate(chosen)
     eval_batch = chosen
-    while eval_batch > 1 and eval_step_bytes(s, eval_batch, precision, algo, ema).total > budget:
+    while eval_batch > 1 and eval_step_bytes(s, eval_batch, precision, algo, ema, top_k).total > budget:
         eval_batch //= 2
     return BatchPlan(chosen, per_device // chosen, global_batch, world, est, budget, eval_batch, fits, note)
 

@@ -227,6 +227,15 @@ def vocab_size(config) -> int:
     return dataloader.model_vocab(dataloader.get_tokenizer(config))[0]
 
 
+def curriculum_top_k(config, vocab: int) -> int | None:
+    """algo=duo's top-k curriculum k (algo.curriculum.mode other than simple), else None: the memory
+    plan counts a (B, L, K) relaxed input only for mode=simple."""
+    if config.algo.name != 'duo':
+        return None
+    import algorithms
+    return algorithms.curriculum_settings(config, vocab).top_k
+
+
 def model_choices() -> list[str]:
     return sorted(p.stem for p in (ROOT / 'configs' / 'model').glob('*.yaml'))
 
@@ -251,9 +260,10 @@ def make_plan(args, overrides, device: hardware.Device) -> Plan:
     model, length, algo = str(config.model.name), int(config.model.length), str(config.algo.name)
     precision = hardware.precision_for(device)
     global_batch = args.global_batch_size or defaults['global_batch_size']
-    shape = hardware.ModelShape.from_config(config.model, vocab_size(config), algo)
+    vocab = vocab_size(config)
+    shape = hardware.ModelShape.from_config(config.model, vocab, algo)
     batch = hardware.plan_batch(device, shape, algo, precision, global_batch, args.batch_size,
-                                ema=float(config.training.ema) > 0)
+                                ema=float(config.training.ema) > 0, top_k=curriculum_top_k(config, vocab))
     data_tag = ('local' if args.data_files else 'owt') + (str(subset) if subset else '')
     run_name = args.run_name or f'{data_tag}-{algo}-{model}-L{length}'
     num_samples = args.num_samples or defaults['num_samples']

@@ -373,10 +373,16 @@ def curriculum_operator(mode: str, gamma_min: float, gamma_max: float, vocab_siz
     The sigmoid modes are refused: upstream's alpha' lacks a factor 2 (pitfall (f)) and even done right
     the 4-parameter sigmoid is far off the operator (OWT range: |delta alpha| 8e-3, |delta alpha'| 32%).
     """
+    check_curriculum_mode(mode)
     if mode in EXACT_CURRICULUM_MODES:
         return GaussianCurriculum(gamma_min, gamma_max, vocab_size)
-    if mode in POLY_CURRICULUM_MODES:
-        return PolyCurriculum(gamma_min, gamma_max, vocab_size, degree=int(mode[len('poly'):]))
+    return PolyCurriculum(gamma_min, gamma_max, vocab_size, degree=int(mode[len('poly'):]))
+
+
+def check_curriculum_mode(mode) -> None:
+    """ValueError (one line with an example) unless `mode` is one of the supported curriculum modes."""
+    if mode in EXACT_CURRICULUM_MODES + POLY_CURRICULUM_MODES:
+        return
     if mode in SIGMOID_CURRICULUM_MODES:
         raise ValueError(f'algo.curriculum.mode={mode} is not supported: a sigmoid fit misses the operator by up to '
                          f'32% in alpha\' (upstream also drops a factor 2); use algo.curriculum.mode=poly9')

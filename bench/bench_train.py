@@ -30,8 +30,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-ALGOS = ('ar', 'mdlm', 'duo_base', 'duo', 'distillation')
-DEFAULT_ALGOS = ('ar', 'mdlm', 'duo_base', 'duo')
+# duo: the curriculum with the full relaxed input (algo.curriculum.mode=simple); duo-topk: algo=duo with the
+# Duo++ top-k input and the fitted operator (algo.curriculum.mode=poly9, algo.curriculum.top_k=--top-k).
+ALGOS = ('ar', 'mdlm', 'duo_base', 'duo', 'duo-topk', 'distillation')
+DEFAULT_ALGOS = ('ar', 'mdlm', 'duo_base', 'duo', 'duo-topk')
+NO_REFERENCE = ('duo-topk',)  # upstream's top-k code has the bugs of SPEC-2 §14: no reference written from it
 IMPLS = ('ours', 'reference')
 
 PRESETS = {
@@ -94,14 +97,17 @@ class MemoryProbe:
 
 def compose_config(spec):
     from hydra import compose, initialize_config_dir
-    overrides = [f"algo={spec['algo']}", 'model=tiny', f"model.hidden_size={spec['hidden']}",
+    algo = 'duo' if spec['algo'] == 'duo-topk' else spec['algo']
+    overrides = [f"algo={algo}", 'model=tiny', f"model.hidden_size={spec['hidden']}",
                  f"model.cond_dim={spec['cond']}", f"model.n_blocks={spec['blocks']}",
                  f"model.n_heads={spec['heads']}", f"model.length={spec['length']}",
                  f"model.dropout={spec['dropout']}", f"model.compile={str(spec['compile']).lower()}"]
-    if spec['algo'] == 'duo':  # a fixed temperature, inside the curriculum
+    if algo == 'duo':  # a fixed temperature, inside the curriculum
         tau = spec['tau_log10']
         overrides += [f'algo.gumbel_tau_log10_start={tau}', f'algo.gumbel_tau_log10_end={tau}',
                       'algo.curriculum_start=0', 'algo.curriculum_end=1000000000']
+    if spec['algo'] == 'duo-topk':
+        overrides += ['algo.curriculum.mode=poly9', f"algo.curriculum.top_k={spec['top_k']}"]
     with initialize_config_dir(config_dir=str(ROOT / 'configs'), version_base=None):
         return compose(config_name='config', overrides=overrides)
 
@@ -312,6 +318,8 @@ def step_flops(spec, backbone):
     flops = B * L * (6 * per_token_weights + 3 * attn)
     if spec['algo'] == 'duo':
         flops += B * L * 4 * K * d
+    if spec['algo'] == 'duo-topk':
+        flops += B * L * 4 * spec['top_k'] * d
     if spec['algo'] == 'distillation':
         flops += B * L * (2 * per_token_weights + attn)
     return flops
@@ -350,7 +358,9 @@ def main(argv=None):
         parser.add_argument(f'--{name}', type=int, help=f'override the preset {name}')
     parser.add_argument('--precision', choices=('32', 'bf16-mixed', '16-mixed'), help='override the preset')
     parser.add_argument('--dropout', type=float, default=0.1, help='model.dropout (model=tiny/small use 0.1)')
-    parser.add_argument('--tau-log10', type=float, default=-1.5, help='algo=duo: log10 of the curriculum temperature')
+    parser.add_argument('--tau-log10', type=float, default=-1.5,
+                        help='duo, duo-topk: log10 of the curriculum temperature')
+    parser.add_argument('--top-k', type=int, default=2, help='duo-topk: algo.curriculum.top_k')
     parser.add_argument('--device', default=None, help='cuda when available, else cpu')
     parser.add_argument('--steps', type=int, default=3, help='timed steps per run (median)')
     parser.add_argument('--warmup', type=int, default=1, help='untimed first steps per run (memory still counts)')
@@ -384,13 +394,14 @@ def main(argv=None):
     comparable = args.preset == 'upstream' and device == 'cpu' and all(
         getattr(args, k) is None for k in ('hidden', 'blocks', 'heads', 'cond', 'batch', 'length', 'vocab'))
 
-    runs = [(algo, impl) for algo in args.algos for impl in args.impls]
+    runs = [(algo, impl) for algo in args.algos for impl in args.impls
+            if not (impl == 'reference' and algo in NO_REFERENCE)]
     samples = {run: [] for run in runs}
     print(f"{args.preset}: {sizes} on {device} ({device_name}), {args.repeats} x {args.steps} steps", flush=True)
     for r in range(args.repeats):
         for algo, impl in (runs if r % 2 == 0 else runs[::-1]):  # alternate the order: drift cancels
             spec = dict(sizes, algo=algo, impl=impl, device=device, steps=args.steps, warmup=args.warmup,
-                        dropout=args.dropout, tau_log10=args.tau_log10, tf32=args.tf32,
+                        dropout=args.dropout, tau_log10=args.tau_log10, top_k=args.top_k, tf32=args.tf32,
                         compile=args.compile and impl == 'ours',
                         fit_budget_gb=args.fit_budget_gb if (impl == 'ours' and r == 0) else 0.0)
             thp = args.thp == 'all' or (args.thp == 'ours' and impl == 'ours')
@@ -426,6 +437,10 @@ def main(argv=None):
             tps, gb = ISSUE_TABLE[row['algo']]
             row['speedup_vs_issue'] = row['tokens_per_s'] / tps
             row['memory_vs_issue'] = row['peak_rise_bytes'] / 2**30 / gb
+        base = by_key.get(('duo_base', row['impl']))
+        if row['algo'] in ('duo', 'duo-topk') and base:  # what the curriculum costs over DUO-base's exact loss
+            row['step_vs_duo_base'] = row['step_s'] / base['step_s']
+            row['memory_vs_duo_base'] = row['peak_rise_bytes'] / base['peak_rise_bytes']
 
     def fmt(value, spec):
         return format(value, spec) if value is not None else '-'
@@ -445,9 +460,14 @@ def main(argv=None):
           'of their first-step losses (same seed and batch)')
     if comparable:
         print('x issue / mem/iss: against the issue table (upstream on the issue\'s machine; absolute figures vary)')
+    for row in rows:
+        if 'step_vs_duo_base' in row:
+            print(f"{row['algo']} ({row['impl']}) against duo_base ({row['impl']}): step time x{row['step_vs_duo_base']:.2f}, "
+                  f"peak memory x{row['memory_vs_duo_base']:.2f}")
     record = {'date': datetime.now(timezone.utc).isoformat(timespec='seconds'), 'device': device,
               'device_name': device_name, 'torch': torch.__version__, 'threads': torch.get_num_threads(),
               'preset': args.preset, 'sizes': sizes, 'dropout': args.dropout, 'tau_log10': args.tau_log10,
+              'top_k': args.top_k,
               'steps': args.steps, 'warmup': args.warmup, 'repeats': args.repeats, 'compile': args.compile,
               'tf32': args.tf32, 'thp': args.thp, 'peak_tflops': peak, 'load_avg': os.getloadavg(),
               'results': rows}

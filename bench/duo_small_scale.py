@@ -4,20 +4,23 @@ Consistency Distillation make 8-step samples closer to the data? (SPEC §5, §7)
 On the shared English corpus (../shared/corpus/english.jsonl.gz, read character by character with
 the text8 alphabet, K = 35) it runs the commands a user types, through main.py:
   1. an AR model (algo=ar): the judge of generative perplexity, and its validation perplexity;
-  2. DUO-base (algo=duo_base) and DUO (algo=duo: curriculum for the first half of the steps, then
-     the exact loss), same steps, seed and data; both evaluated with mode=ppl_eval on the same
-     validation blocks and noise (the exact DUO-base bound);
+  2. DUO-base (algo=duo_base), DUO (algo=duo: curriculum for the first half of the steps, then the
+     exact loss) and DUO with the Duo++ top-k curriculum (algo.curriculum.mode=poly9, top_k=2:
+     SPEC-2 §14), same steps, seed and data; all evaluated with mode=ppl_eval on the same
+     validation blocks and noise (the exact DUO-base bound), with the wall time of each training run;
   3. DCD (algo=distillation) of the DUO model (training.finetune_path), rounds of doubling steps;
   4. mode=sample_eval of the DUO model and of the distilled one with sampling.steps=8 (ancestral
      and Greedy-Tail; 64 steps for reference): generative perplexity under the AR judge
      (eval.gen_ppl_eval_model_name_or_path=<its .ckpt>) and sample entropy, beside those of real
      validation blocks and of the AR model's own samples.
-With --seeds 1 2 ... the DUO-base / DUO comparison is repeated for each seed.
+With --seeds 1 2 ... the DUO-base / DUO / top-k comparison is repeated for each seed; --curricula-only
+runs that comparison alone (no AR judge, distillation or sampling).
 The curriculum's and the distillation's gamma ranges are those of the paper mapped to K = 35: the
 gammas whose uniform-state alphas T(gamma) equal the paper's at K = 50258 (noise_schedule).
 
     python bench/duo_small_scale.py                 # ~25 min on 2 free CPU cores
     python bench/duo_small_scale.py --steps 60 --round-steps 10 --samples 64 --val-batches 4   # smoke run
+    python bench/duo_small_scale.py --curricula-only --seeds 1 2     # the curricula, ~25 min
 Prints a table and writes bench/results/duo_small_scale.json; runs live in --work-dir.
 """
 import argparse
@@ -133,6 +136,21 @@ def data_reference(overrides, judge_path, n_blocks):
     return judge.compute(texts, tokenizer.eos_token, token_ids=blocks.tolist()), metrics.sample_entropy(blocks)
 
 
+COMPARED = ('duo_base', 'duo', 'duo_topk')  # DUO-base, the simple curriculum, the top-k curriculum
+
+
+def print_comparison(curriculum, steps, tokens):
+    """The validation bound of each compared run per seed, with its training wall time."""
+    print(f'\nValidation bound after {steps} steps (nats/char, {tokens} chars, same noise) / training wall time:')
+    print(f'  {"seed":<6}' + ''.join(f'{name:>22}' for name in COMPARED))
+    for c in curriculum:
+        print(f'  {c["seed"]:<6}' + ''.join(f'{c[name]:>13.4f} / {c["train_seconds"][name]:>4.0f} s'
+                                            for name in COMPARED))
+    for name in COMPARED[1:]:
+        gaps = [c['duo_base'] - c[name] for c in curriculum]
+        print(f'  mean gap duo_base - {name}: {sum(gaps) / len(gaps):+.4f} nats/char')
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--steps', type=int, default=1000, help='training steps of AR, DUO-base and DUO')
@@ -143,7 +161,10 @@ def main():
     parser.add_argument('--samples', type=int, default=128, help='samples per sample_eval (batches of 64)')
     parser.add_argument('--val-batches', type=int, default=50, help='validation batches (of 64) for ppl_eval')
     parser.add_argument('--seeds', type=int, nargs='+', default=[1],
-                        help='seeds of the DUO-base / DUO comparison (the AR judge and distillation use the first)')
+                        help='seeds of the DUO-base / DUO / top-k comparison (the AR judge and distillation use the first)')
+    parser.add_argument('--top-k', type=int, default=2, help='algo.curriculum.top_k of the top-k curriculum')
+    parser.add_argument('--curricula-only', action='store_true',
+                        help='only the DUO-base / DUO / top-k curriculum comparison (no AR, distillation, sampling)')
     parser.add_argument('--threads', type=int, default=1,
                         help='torch threads per run (1 was fastest on a shared 2-core machine)')
     parser.add_argument('--work-dir', default='outputs/bench_duo_small_scale')
@@ -164,10 +185,11 @@ def main():
     training = training_overrides(args.steps)
     seed = args.seeds[0]
     common_seed = [*common, f'seed={seed}']
-    dirs = {name: work / name for name in ('ar', 'duo_base', 'duo', 'distilled')}
-    algos = {'ar': ['algo=ar'], 'duo_base': ['algo=duo_base'],
-             'duo': ['algo=duo', f'algo.curriculum_end={args.steps // 2}', f'algo.gamma_min={curriculum_gammas[0]}',
-                     f'algo.gamma_max={curriculum_gammas[1]}']}
+    dirs = {name: work / name for name in ('ar', *COMPARED, 'distilled')}
+    duo = ['algo=duo', f'algo.curriculum_end={args.steps // 2}', f'algo.gamma_min={curriculum_gammas[0]}',
+           f'algo.gamma_max={curriculum_gammas[1]}']
+    algos = {'ar': ['algo=ar'], 'duo_base': ['algo=duo_base'], 'duo': duo,
+             'duo_topk': [*duo, 'algo.curriculum.mode=poly9', f'algo.curriculum.top_k={args.top_k}']}
 
     def train_and_evaluate(name, algo, seed_value, run_dir):
         """(ppl_eval.json, validation curve) of one training run."""
@@ -179,13 +201,32 @@ def main():
         return json.loads((run_dir / 'ppl_eval.json').read_text()), curve
 
     ppl, curves = {}, {}
-    for name in ('ar', 'duo_base', 'duo'):
+    for name in COMPARED if args.curricula_only else ('ar', *COMPARED):
         ppl[name], curves[name] = train_and_evaluate(name, algos[name], seed, dirs[name])
-    curriculum = [{'seed': seed, 'duo_base': ppl['duo_base']['nll'], 'duo': ppl['duo']['nll']}]
+    curriculum = [{'seed': seed, **{name: ppl[name]['nll'] for name in COMPARED},
+                   'train_seconds': {name: run.seconds[f'train_{name}'] for name in COMPARED}}]
     for other in args.seeds[1:]:
         nll = {name: train_and_evaluate(f'{name}_seed{other}', algos[name], other, work / f'{name}_seed{other}')[0]['nll']
-               for name in ('duo_base', 'duo')}
-        curriculum.append({'seed': other, **nll})
+               for name in COMPARED}
+        curriculum.append({'seed': other, **nll,
+                           'train_seconds': {name: run.seconds[f'train_{name}_seed{other}'] for name in COMPARED}})
+    if args.curricula_only:
+        report = {'benchmark': 'duo_small_scale', 'date': datetime.now(timezone.utc).isoformat(timespec='seconds'),
+                  'machine': {'platform': platform.platform(), 'cpus': os.cpu_count(), 'torch': torch.__version__,
+                              'threads_per_run': args.threads, 'load_avg': os.getloadavg()},
+                  'settings': {**vars(args), 'corpus': str(CORPUS), 'vocab_size': K,
+                               'model': 'd=96, 3 blocks, 4 heads, L=64', 'batch': 32,
+                               'curriculum_gammas': curriculum_gammas, 'curriculum_alphas': curriculum_alphas,
+                               'validation_tokens': ppl['duo']['tokens']},
+                  'validation': {name: {'nll': r['nll'], 'ppl': r['ppl'], 'curve': curves[name]} for name, r in ppl.items()},
+                  'curriculum_vs_base': curriculum,
+                  'seconds': {**run.seconds, 'total': round(time.perf_counter() - started, 1)}}
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + '\n')
+        print_comparison(curriculum, args.steps, ppl['duo']['tokens'])
+        print(f'\nTotal {report["seconds"]["total"] / 60:.1f} min; wrote {out}')
+        return
 
     distill_steps = args.rounds * args.round_steps
     distillation = ['algo=distillation', f'algo.T={args.T}', f'algo.update_teacher_every={args.round_steps}',
@@ -243,17 +284,13 @@ def main():
     print(f'\nValidation (nats/char; AR exact NLL, diffusion models the exact DUO-base bound; '
           f'{ppl["duo"]["tokens"]} tokens, same noise):')
     print(f'  {"model":<12}{"steps":>7}{"nll":>9}{"ppl":>9}   during training (step: nll, EMA weights, 8 batches)')
-    for name, steps in (('ar', args.steps), ('duo_base', args.steps), ('duo', args.steps),
+    for name, steps in (('ar', args.steps), ('duo_base', args.steps), ('duo', args.steps), ('duo_topk', args.steps),
                         ('distilled', args.steps + distill_steps)):
         r = report['validation'][name]
         curve = ', '.join(f'{s}: {v:.3f}' for s, v in r['curve'])
         print(f'  {name:<12}{steps:>7}{r["nll"]:>9.4f}{r["ppl"]:>9.3f}   {curve}')
     print('  (the distilled model\'s steps count from the DUO checkpoint it starts from)')
-    if len(curriculum) > 1:
-        print('\nDUO-base vs DUO (curriculum) bound per seed: ' + ', '.join(
-            f'seed {c["seed"]}: {c["duo_base"]:.4f} vs {c["duo"]:.4f}' for c in curriculum))
-        gaps = [c['duo_base'] - c['duo'] for c in curriculum]
-        print(f'  mean gap (base - curriculum): {sum(gaps) / len(gaps):+.4f} nats/char')
+    print_comparison(curriculum, args.steps, ppl['duo']['tokens'])
     print(f'\nSamples ({args.samples} x 64 chars), generative perplexity under the AR judge '
           f'(its own validation perplexity: {ppl["ar"]["ppl"]:.3f}):')
     print(f'  {"model":<12}{"steps":>7}  {"noise removal":<14}{"gen ppl":>9}{"entropy":>9}')

@@ -18,15 +18,20 @@ def run_bench(script, *args):
 
 @pytest.mark.slow
 def test_bench_train_measures_ours_and_a_reference_that_computes_the_same_loss(tmp_path):
-    run_bench('bench_train.py', '--algos', 'duo', *TINY_DIT, '--batch', '2', '--length', '16',
+    run_bench('bench_train.py', '--algos', 'duo_base', 'duo', 'duo-topk', *TINY_DIT, '--batch', '2', '--length', '16',
               '--steps', '1', '--repeats', '1', '--out', str(tmp_path))
     record = json.loads(next(tmp_path.glob('train-*.json')).read_text())
     rows = {(r['algo'], r['impl']): r for r in record['results']}
-    assert set(rows) == {('duo', 'ours'), ('duo', 'reference')}
+    # the top-k curriculum has no upstream-style reference (upstream's top-k code is wrong, SPEC-2 §14)
+    assert set(rows) == {('duo_base', 'ours'), ('duo_base', 'reference'), ('duo', 'ours'), ('duo', 'reference'),
+                         ('duo-topk', 'ours')}
     for (algo, impl), row in rows.items():
         assert row['tokens_per_s'] > 0 and row['peak_rise_bytes'] > 0, (algo, impl)
-        if impl == 'ours':  # same seed, batch and Gaussian latent at the first step: the same loss
+        if impl == 'ours' and algo != 'duo-topk':  # same seed, batch and Gaussian latent at the first step: the same loss
             assert row['loss_diff_vs_reference'] < 1e-5
+    for algo in ('duo', 'duo-topk'):  # both curricula against DUO-base of the same run
+        assert rows[(algo, 'ours')]['step_vs_duo_base'] > 0 and rows[(algo, 'ours')]['memory_vs_duo_base'] > 0
+    assert record['top_k'] == 2
 
 
 def test_bench_sampling_reports_throughput_and_overhead_per_algorithm(tmp_path):

@@ -18,6 +18,9 @@ from hydra import compose, initialize_config_dir
 import algorithms
 import checkpoints
 import diffusion
+import errors
+import latents
+import losses
 import main
 import noise_schedule as ns
 from conftest import ROOT
@@ -190,9 +193,10 @@ def test_distillation_loss_is_zero_for_identical_teacher_and_vanishing_step():
 
 # ---------------------------------------------------------------------------------------------
 # validation reports the exact DUO-base bound
-@pytest.mark.parametrize('algo_name', ['duo', 'distillation'])
-def test_validation_uses_the_exact_duo_base_loss(algo_name):
-    config = make_config(f'algo={algo_name}', *TINY, 'algo.gamma_min=-2.5', 'algo.gamma_max=1.5')
+@pytest.mark.parametrize('algo_name, extra', [('duo', []), ('duo', ['algo.curriculum.mode=poly9']),
+                                               ('distillation', [])])
+def test_validation_uses_the_exact_duo_base_loss(algo_name, extra):
+    config = make_config(f'algo={algo_name}', *TINY, 'algo.gamma_min=-2.5', 'algo.gamma_max=1.5', *extra)
     backbone = randomize(diffusion.make_backbone(config, K, causal=False))
     module = types.SimpleNamespace(backbone=backbone)
     algo = algorithms.ALGORITHMS[algo_name](config, K, MASK)
@@ -220,6 +224,90 @@ def test_tau_is_logged_during_the_curriculum_and_zero_after():
     assert [s for s, _ in tau] == [0, 1, 2, 3, 4]
     assert [v for _, v in tau[:3]] == pytest.approx([0.1, 10 ** (-1 - 1 / 3), 10 ** (-1 - 2 / 3)])
     assert [v for _, v in tau[3:]] == [0.0, 0.0]
+
+
+# ---------------------------------------------------------------------------------------------
+# the top-k curriculum (Duo++, SPEC-2 §14) as trained
+class TopkRecorder:
+    """A stand-in network for the curriculum: records its input and returns logits that depend on it
+    (each slot's id row of a fixed table, weighted), or on the ids after the curriculum."""
+
+    def __init__(self, seed=0):
+        self.table = torch.randn(K, K, generator=torch.Generator().manual_seed(seed))
+        self.calls = []
+
+    def __call__(self, x, sigma=None, attention_mask=None, weights=None):
+        self.calls.append({'x': x, 'sigma': sigma, 'weights': weights})
+        if weights is None:
+            return self.table[x].clone()
+        return (self.table[x] * weights[..., None]).sum(-2)
+
+
+def test_a_topk_step_is_the_duo_loss_of_its_draw_at_the_fitted_operator():
+    """mode=poly9 without top_k: the network gets the k = 2 ids and weights of latents.topk_relaxed_latent
+    (same seed) and sigma = -log alpha_t of the fitted polynomial; the loss is losses.duo_loss at z_t =
+    argmax of the latent with that alpha_t, alpha'_t. (The sums over the vocabulary are tested in
+    test_duality.py against an enumeration.)"""
+    gamma_min, gamma_max, tau_log10 = -2.65, 1.7, -2.0
+    config = make_config('algo=duo', *TINY, 'algo.curriculum.mode=poly9', f'algo.curriculum.gamma_min={gamma_min}',
+                         f'algo.gamma_max={gamma_max}', f'algo.curriculum.gumbel_tau_log10_start={tau_log10}',
+                         f'algo.gumbel_tau_log10_end={tau_log10}')
+    algo = algorithms.DUO(config, K, MASK)
+    net = TopkRecorder()
+    x0 = torch.randint(8, K, (4, 8), generator=torch.Generator().manual_seed(2))
+    t = torch.tensor([0.05, 0.3, 0.6, 0.95])
+    torch.manual_seed(11)
+    per_token, weight = algo.loss(types.SimpleNamespace(backbone=net), x0, torch.ones_like(x0), t, step=0)
+    (call,) = net.calls
+    torch.manual_seed(11)
+    gamma = gamma_min + t * (gamma_max - gamma_min)
+    xt, ids, weights = latents.topk_relaxed_latent(x0, gamma, K, 10 ** tau_log10, 2)
+    assert call['x'].shape == (4, 8, 2) and torch.equal(call['x'], ids) and torch.equal(call['weights'], weights)
+    poly = ns.PolyCurriculum(gamma_min, gamma_max, K, degree=9)
+    alpha, dalpha = poly.alpha(t)[:, None], poly.dalpha(t)[:, None]
+    torch.testing.assert_close(call['sigma'], -torch.log(alpha[:, 0]))
+    expected = losses.duo_loss((net.table[ids] * weights[..., None]).sum(-2), x0, xt, alpha, dalpha)
+    torch.testing.assert_close(per_token, expected)
+    assert torch.equal(weight, torch.ones_like(x0)) and (per_token >= 0).all()
+
+
+def test_the_topk_curriculum_switches_to_the_exact_loss_at_curriculum_end():
+    config = make_config('algo=duo', *TINY, 'algo.curriculum.mode=poly7', 'algo.curriculum.top_k=3',
+                         'algo.curriculum.end=5', 'algo.gamma_min=-2.65', 'algo.gamma_max=1.7')
+    algo = algorithms.DUO(config, K, MASK)
+    base = algorithms.DUOBase(config, K, MASK)
+    x0 = torch.randint(8, K, (4, 8), generator=torch.Generator().manual_seed(3))
+    t = ns.stratified_times(4, 1e-3)
+
+    def run(fn, step):
+        net = TopkRecorder()
+        torch.manual_seed(5)
+        return fn(types.SimpleNamespace(backbone=net), x0, torch.ones_like(x0), t, step)[0], net.calls[0]
+    for step in (0, 4):
+        _, call = run(algo.loss, step)
+        assert call['x'].shape == (4, 8, 3) and call['weights'].dtype == torch.float32
+    for step in (5, 6, 1000):
+        loss, call = run(algo.loss, step)
+        assert call['weights'] is None and call['x'].shape == (4, 8)
+        assert torch.equal(loss, run(base.loss, step)[0])
+    assert algo.log_values(4)['train/tau'] == pytest.approx(1e-3) and algo.log_values(5)['train/tau'] == 0.0
+
+
+def test_topk_curriculum_resumes_exactly_across_curriculum_end(tmp_path):
+    """A straight 6-step run against one stopped after 3 (inside the curriculum, which ends at step 4) and
+    resumed: the top-k draws come from the per-batch seed, so the weights and the EMA are bitwise equal."""
+    config = make_config('algo=duo', *TINY, 'algo.curriculum.mode=poly9', 'algo.curriculum.top_k=3',
+                         'algo.curriculum.end=4', 'algo.gamma_min=-2.65', 'algo.gamma_max=1.7', 'training.ema=0.9')
+    straight = new_model(config)
+    fit(straight, 6)
+    first = new_model(config)
+    trainer = fit(first, 3)
+    path = tmp_path / 'stop3.ckpt'
+    trainer.save_checkpoint(path)
+    resumed = diffusion.Diffusion(config, K, MASK, bos_id=2)
+    fit(resumed, 6, ckpt_path=str(path))
+    assert torch.equal(flat(straight.backbone.parameters()), flat(resumed.backbone.parameters()))
+    assert torch.equal(flat(straight.ema.shadow_params), flat(resumed.ema.shadow_params))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,6 +378,104 @@ def test_bad_distillation_settings_give_one_clear_line(override, message):
 def test_bad_curriculum_range_gives_one_clear_line():
     with pytest.raises(ValueError, match=r'^algo.curriculum_start=10 and algo.curriculum_end=5 must satisfy'):
         algorithms.DUO(make_config('algo=duo', 'algo.curriculum_start=10', 'algo.curriculum_end=5'), K, MASK)
+    with pytest.raises(ValueError, match=r'^algo.curriculum.start=10 and algo.curriculum_end=5 must satisfy'):
+        algorithms.DUO(make_config('algo=duo', 'algo.curriculum.start=10', 'algo.curriculum_end=5'), K, MASK)
+    with pytest.raises(ValueError, match=r'^algo.curriculum.gamma_min=0.0 must be < algo.gamma_max=-1.0 \(e.g.'):
+        algorithms.DUO(make_config('algo=duo', 'algo.curriculum.gamma_min=0', 'algo.gamma_max=-1'), K, MASK)
+
+
+# upstream main's scripts/train_lm1b_duo.sh, and the same settings in the flat keys
+UPSTREAM_LM1B = ['algo.curriculum.mode=simple', 'algo.curriculum.gumbel_tau_log10_start=-3.0',
+                 'algo.curriculum.gumbel_tau_log10_end=-3.0', 'algo.curriculum.gamma_min=-3.5',
+                 'algo.curriculum.gamma_max=-1.75', 'algo.curriculum.start=0', 'algo.curriculum.end=500000']
+FLAT_LM1B = ['algo.gumbel_tau_log10_start=-3.0', 'algo.gumbel_tau_log10_end=-3.0', 'algo.gamma_min=-3.5',
+             'algo.gamma_max=-1.75', 'algo.curriculum_start=0', 'algo.curriculum_end=500000']
+
+
+def test_both_spellings_of_the_curriculum_settings_give_the_same_curriculum():
+    lm1b = algorithms.CurriculumSettings('simple', None, -3.5, -1.75, -3.0, -3.0, 0, 500_000)
+    for overrides in (UPSTREAM_LM1B, FLAT_LM1B, UPSTREAM_LM1B + FLAT_LM1B, UPSTREAM_LM1B[:4] + FLAT_LM1B[3:],
+                      ['algo.curriculum.gamma_min=-3.50', 'algo.gamma_min=-3.5', *FLAT_LM1B[1:]]):
+        assert algorithms.curriculum_settings(make_config('algo=duo', *overrides), K) == lm1b, overrides
+    # neither spelling: the defaults (the DUO paper's OWT recipe, SPEC §5)
+    assert algorithms.curriculum_settings(make_config('algo=duo'), K) == algorithms.CurriculumSettings(
+        'simple', None, -3.55, -1.85, -3.0, -3.0, 0, 500_000)
+    a = algorithms.DUO(make_config('algo=duo', 'algo.curriculum.gamma_min=-3.5', 'algo.curriculum.gamma_max=-1.75',
+                                   'algo.curriculum.gumbel_tau_log10_start=-1', 'algo.curriculum.end=300'), K, MASK)
+    b = algorithms.DUO(make_config('algo=duo', 'algo.gamma_min=-3.5', 'algo.gamma_max=-1.75',
+                                   'algo.gumbel_tau_log10_start=-1', 'algo.curriculum_end=300'), K, MASK)
+    assert [a.tau(s) for s in (0, 150, 300)] == [b.tau(s) for s in (0, 150, 300)] == pytest.approx([0.1, 0.01, 1e-3])
+    assert (a.start, a.end, a.curriculum.gamma_min, a.curriculum.gamma_max) == (0, 300, -3.5, -1.75)
+    assert (b.start, b.end, b.curriculum.gamma_min, b.curriculum.gamma_max) == (0, 300, -3.5, -1.75)
+
+
+@pytest.mark.parametrize('block, flat, value, other', [
+    ('gamma_min', 'gamma_min', -3.5, -3.55), ('gamma_max', 'gamma_max', -1.75, -1.85),
+    ('gumbel_tau_log10_start', 'gumbel_tau_log10_start', -1.0, -3.0),
+    ('gumbel_tau_log10_end', 'gumbel_tau_log10_end', -2.0, -3.0), ('start', 'curriculum_start', 100000, 0),
+    ('end', 'curriculum_end', 200000, 500000)])
+def test_both_spellings_given_and_different_is_one_clear_line(block, flat, value, other):
+    config = make_config('algo=duo', f'algo.curriculum.{block}={value}', f'algo.{flat}={other}')
+    with pytest.raises(errors.ConfigError) as error:
+        algorithms.DUO(config, K, MASK)
+    assert str(error.value) == (f'algo.curriculum.{block}={value} and algo.{flat}={other} disagree: give the setting '
+                                f'once (e.g. algo.curriculum.{block}={value})')
+
+
+def test_curriculum_modes_pick_the_input_and_the_operator():
+    gammas = ['algo.gamma_min=-2.65', 'algo.gamma_max=1.7']
+    for mode, operator in (('simple', ns.GaussianCurriculum), ('efficient_cached', ns.GaussianCurriculum),
+                           ('series', ns.GaussianCurriculum), ('poly7', ns.PolyCurriculum),
+                           ('poly9', ns.PolyCurriculum)):
+        algo = algorithms.DUO(make_config('algo=duo', f'algo.curriculum.mode={mode}', *gammas), K, MASK)
+        assert isinstance(algo.curriculum, operator) and algo.mode == mode
+        assert algo.top_k == (None if mode == 'simple' else 2)  # k = 2 unless set; simple: the full input
+    for k in (1, 3, K - 1):
+        config = make_config('algo=duo', 'algo.curriculum.mode=poly9', f'algo.curriculum.top_k={k}', *gammas)
+        assert algorithms.DUO(config, K, MASK).top_k == k
+
+
+@pytest.mark.parametrize('overrides, message', [
+    (['algo.curriculum.mode=poly9', 'algo.curriculum.top_k=-1'],
+     'algo.curriculum.top_k=-1 must be in [1, K-1 = 34] (e.g. algo.curriculum.top_k=2)'),
+    (['algo.curriculum.mode=poly9', 'algo.curriculum.top_k=0'],
+     'algo.curriculum.top_k=0 must be in [1, K-1 = 34] (e.g. algo.curriculum.top_k=2)'),
+    (['algo.curriculum.mode=series', f'algo.curriculum.top_k={K}'],
+     f'algo.curriculum.top_k={K} must be in [1, K-1 = 34] (e.g. algo.curriculum.top_k=2)'),
+    (['algo.curriculum.mode=poly9', 'algo.curriculum.top_k=1.5'],
+     'algo.curriculum.top_k=1.5 must be an integer (e.g. algo.curriculum.top_k=2)'),
+    (['algo.curriculum.mode=poly9', 'algo.curriculum.top_k=two'],
+     'algo.curriculum.top_k=two must be an integer (e.g. algo.curriculum.top_k=2)'),
+    (['algo.curriculum.top_k=4'],
+     'algo.curriculum.top_k=4 needs a top-k mode: algo.curriculum.mode=simple feeds the full relaxed one-hot '
+     '(e.g. algo.curriculum.mode=poly9 algo.curriculum.top_k=4)'),
+    (['algo.curriculum.mode=sigmoid'],
+     "algo.curriculum.mode=sigmoid is not supported: a sigmoid fit misses the operator by up to 32% in alpha' "
+     "(upstream also drops a factor 2); use algo.curriculum.mode=poly9"),
+    (['algo.curriculum.mode=poly4'],
+     "algo.curriculum.mode='poly4' is unknown: use one of simple, efficient_cached, series, poly3, poly5, poly7, "
+     "poly9 (e.g. algo.curriculum.mode=poly9)"),
+    (['algo.curriculum.mode=poly9', 'algo.gamma_min=-5', 'algo.gamma_max=5'],
+     'algo.curriculum.mode=poly9 cannot represent the duality operator on gamma in [-5.0, 5.0] (K=35): the fitted '
+     'alpha_t leaves (0, 1] or stops decreasing; use the exact operator with the top-k input '
+     '(algo.curriculum.mode=efficient_cached) or narrow the gamma range'),
+])
+def test_bad_curriculum_mode_or_top_k_is_one_clear_line(overrides, message):
+    with pytest.raises(ValueError) as error:
+        algorithms.DUO(make_config('algo=duo', *overrides), K, MASK)
+    assert str(error.value) == message
+
+
+def test_upstream_only_curriculum_keys_are_accepted_and_ignored(caplog):
+    ignored = ['algo.curriculum.integral_cache_path=/data/integral/gpt2.pkl', 'algo.curriculum.cache_dir=./coefficients',
+               'algo.curriculum.n_series_terms=150']
+    with caplog.at_level('INFO', logger='algorithms'):
+        algo = algorithms.DUO(make_config('algo=duo', 'algo.curriculum.mode=series', *ignored), K, MASK)
+    assert isinstance(algo.curriculum, ns.GaussianCurriculum)
+    for override in ignored:
+        key, value = override.split('=')
+        assert any(f'{key}={value} is accepted for upstream command lines and ignored' in r.message
+                   for r in caplog.records), key
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,10 +546,13 @@ FAST = ['trainer.limit_val_batches=2', 'trainer.log_every_n_steps=1', 'loader.gl
 
 
 @pytest.mark.slow
-def test_duo_curriculum_through_main(markov_dir, tmp_path):
+@pytest.mark.parametrize('mode', [[], ['algo.curriculum.mode=poly9', 'algo.curriculum.top_k=3']], ids=['simple', 'top-k'])
+def test_duo_curriculum_through_main(markov_dir, tmp_path, mode):
     from test_main import common, run_main
-    run_main('mode=train', *common(markov_dir, tmp_path, 'duo'), *FAST, 'algo.curriculum_end=3',
-             'trainer.max_steps=6', 'checkpointing.every_n_train_steps=6', 'trainer.val_check_interval=6')
+    proc = run_main('mode=train', *common(markov_dir, tmp_path, 'duo'), *FAST, 'algo.curriculum.end=3', *mode,
+                    'trainer.max_steps=6', 'checkpointing.every_n_train_steps=6', 'trainer.val_check_interval=6')
+    if mode:  # the fitted operator reports its distance to the exact one
+        assert 'algo.curriculum.mode=poly9 on gamma in [-2.65, 1.7] (K=35)' in proc.stderr + proc.stdout
     rows = read_metrics(tmp_path)
     train = [r for r in rows if r['train/loss']]
     assert [float(r['train/tau']) for r in train] == pytest.approx([1e-3] * 3 + [0.0] * 3)

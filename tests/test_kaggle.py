@@ -92,6 +92,33 @@ def test_plans_order_by_memory_and_algorithm():
     assert hardware.plan_batch(hardware.preset('t4x2'), s, 'duo_base', '16', 512).batch_size <= batch['t4']
 
 
+def test_the_topk_curriculum_plans_like_duo_base():
+    """The top-k curriculum keeps k ids and weights per token instead of the (B, L, K) relaxed input:
+    on two T4s model=small at length 1024 gets DUO-base's batch, twice the simple curriculum's."""
+    s, t4x2 = shape('small'), hardware.preset('t4x2')
+    base, simple, topk = (hardware.plan_batch(t4x2, s, algo, '16', 64, top_k=k)
+                          for algo, k in (('duo_base', None), ('duo', None), ('duo', 2)))
+    assert (base.batch_size, simple.batch_size, topk.batch_size) == (8, 4, 8)
+    tokens = 8 * 1024
+    assert topk.estimate.parts['top-k input'] == (8 + 4) * 2 * tokens and 'relaxed input' not in topk.estimate.parts
+    assert topk.estimate.total - base.estimate.total == (8 + 4) * 2 * tokens
+    assert simple.estimate.parts['relaxed input'] == 4 * hardware.GPT2_VOCAB * 4 * 1024
+
+
+def test_dry_run_plans_the_top_k_curriculum_from_its_mode(capsys, tmp_path):
+    args = ['--assume-gpu', 't4x2', '--model', 'small', '--length', '1024', '--algo', 'duo', '--output-dir', str(tmp_path)]
+    for overrides, batch in (([], '4 per device x 2 device(s) x 8 accumulation = 64'),
+                             (['algo.curriculum.mode=poly9'], '8 per device x 2 device(s) x 4 accumulation = 64'),
+                             (['algo.curriculum.mode=efficient_cached', 'algo.curriculum.top_k=4'],
+                              '8 per device x 2 device(s) x 4 accumulation = 64')):
+        code, out, err = dry_run(capsys, *args, *overrides)
+        assert code == 0, err
+        assert f'batch       : {batch}' in out, overrides
+        assert train_command(out)[-len(overrides):] == overrides or not overrides
+    code, _, err = dry_run(capsys, *args, 'algo.curriculum.mode=poly9', 'algo.curriculum.top_k=0')
+    assert code == 2 and 'algo.curriculum.top_k=0 must be in [1, K-1 = 50257]' in err
+
+
 def test_a_model_that_cannot_fit_is_an_error_naming_the_fix():
     with pytest.raises(hardware.PlanError, match='smaller --model or --length, or one GPU'):
         hardware.plan_batch(hardware.preset('t4x2'), shape('medium', length=2048), 'duo_base', '16', 64)
@@ -169,11 +196,13 @@ def test_block_activation_model_matches_what_autograd_saves(dtype, causal, dropo
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings('ignore:`export_memory_timeline` is deprecated')
-def test_training_step_peak_matches_the_profiler(tmp_path):
+@pytest.mark.parametrize('top_k', [None, 2])
+def test_training_step_peak_matches_the_profiler(tmp_path, top_k):
     """Whole-step peak (states, activations, logits and their gradients, the loss's temporaries,
-    DUO's relaxed input) against the CPU profiler's memory timeline for a bf16-autocast DUO step
-    (curriculum) with AdamW and EMA."""
+    DUO's relaxed input, or its top-k ids and weights) against the CPU profiler's memory timeline for a
+    bf16-autocast DUO step (curriculum: mode=simple, and poly9 with top_k) with AdamW and EMA."""
     algo = 'duo'
+    mode = [] if top_k is None else ['algo.curriculum.mode=poly9', f'algo.curriculum.top_k={top_k}']
     import types
     from hydra import compose, initialize_config_dir
     from torch.profiler import ProfilerActivity, profile
@@ -184,7 +213,7 @@ def test_training_step_peak_matches_the_profiler(tmp_path):
     with initialize_config_dir(config_dir=str(ROOT / 'configs'), version_base=None):
         config = compose('config', overrides=[f'algo={algo}', 'model=micro', f'model.hidden_size={d}', 'model.n_blocks=2',
                                               'model.n_heads=4', 'model.cond_dim=64', f'model.length={L}',
-                                              'model.dropout=0.1'])
+                                              'model.dropout=0.1', *mode])
     torch.manual_seed(0)
     algorithm = algorithms.ALGORITHMS[algo](config, K, K - 1)
     backbone = diffusion.make_backbone(config, K, causal=False)
@@ -207,7 +236,7 @@ def test_training_step_peak_matches_the_profiler(tmp_path):
     _, sizes = json.loads(timeline.read_text())
     measured = max(sum(s) for s in sizes)
     s = hardware.ModelShape(d, 64, 2, 4, L, K, 0.1)
-    estimate = hardware.train_step_bytes(s, B, 'bf16', algo, mask_bytes=2, device='cpu').total
+    estimate = hardware.train_step_bytes(s, B, 'bf16', algo, mask_bytes=2, device='cpu', top_k=top_k).total
     assert estimate == pytest.approx(measured, rel=0.05)
 
 

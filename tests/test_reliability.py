@@ -386,6 +386,14 @@ def bad_input_cases(d: Path, corpus_dir: Path):
          {}),
         ('negative kappa for a uniform model', [*sample, f'eval.checkpoint_path={d}/good.ckpt', 'algo=duo_base',
                                                 'sampling.predictor=psi', 'sampling.psi.negative_kappa=true'], {}),
+        ('curriculum setting in both spellings, different', [*train, 'algo=duo', 'algo.curriculum.gamma_min=-3.5',
+                                                              'algo.gamma_min=-3.55'], {}),
+        ('curriculum top_k out of range', [*train, 'algo=duo', 'algo.curriculum.mode=poly9',
+                                           'algo.curriculum.top_k=-1'], {}),
+        ('top_k with mode=simple', [*train, 'algo=duo', 'algo.curriculum.top_k=2'], {}),
+        ('sigmoid curriculum mode', [*train, 'algo=duo', 'algo.curriculum.mode=sigmoid'], {}),
+        ('fitted curriculum operator invalid on the gamma range', [*train, 'algo=duo', 'algo.curriculum.mode=poly9',
+                                                                   'algo.gamma_min=-5', 'algo.gamma_max=5'], {}),
     ]
 
 
@@ -459,6 +467,20 @@ MESSAGES = {
                             '(e.g. sampling.predictor=ancestral)',
     'negative kappa for a uniform model': 'sampling.psi.negative_kappa=true is for absorbing diffusion (algo=mdlm), '
                                           'not algo=duo_base: use sampling.psi.negative_kappa=false',
+    'curriculum setting in both spellings, different': 'algo.curriculum.gamma_min=-3.5 and algo.gamma_min=-3.55 '
+                                                       'disagree: give the setting once (e.g. '
+                                                       'algo.curriculum.gamma_min=-3.5)',
+    'curriculum top_k out of range': 'algo.curriculum.top_k=-1 must be in [1, K-1 = 34] (e.g. algo.curriculum.top_k=2)',
+    'top_k with mode=simple': 'algo.curriculum.top_k=2 needs a top-k mode: algo.curriculum.mode=simple feeds the full '
+                              'relaxed one-hot (e.g. algo.curriculum.mode=poly9 algo.curriculum.top_k=2)',
+    'sigmoid curriculum mode': "algo.curriculum.mode=sigmoid is not supported: a sigmoid fit misses the operator by up "
+                               "to 32% in alpha' (upstream also drops a factor 2); use algo.curriculum.mode=poly9",
+    'fitted curriculum operator invalid on the gamma range': 'algo.curriculum.mode=poly9 cannot represent the duality '
+                                                             'operator on gamma in [-5.0, 5.0] (K=35): the fitted '
+                                                             'alpha_t leaves (0, 1] or stops decreasing; use the exact '
+                                                             'operator with the top-k input '
+                                                             '(algo.curriculum.mode=efficient_cached) or narrow the '
+                                                             'gamma range',
 }
 
 
