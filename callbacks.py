@@ -129,6 +129,8 @@ class GracefulStop(Callback):
                 pass
 
     def teardown(self, trainer, pl_module, stage):
+        if self.signum is not None:  # the run is stopping: a second signal still stops it at once
+            return
         for sig, handler in self._original.items():
             try:
                 signal.signal(sig, handler)
