@@ -1,12 +1,10 @@
 # Sourced by eval_owt_kaggle.sh and gen_owt_kaggle.sh (not run on its own): picks the checkpoint
 # (the first argument when it is not a Hydra override, else the newest last.ckpt under OUTPUT_DIR)
-# and sets PY, OUTPUT_DIR, CKPT, RUN_DIR and SAVED (the overrides that rebuild the trained model and
-# data from the run's config_train.yaml). Consumes the checkpoint argument from "$@".
+# and sets PY and OUTPUT_DIR (scripts/common.sh), CKPT, RUN_DIR and SAVED (the overrides that
+# rebuild the trained model and data from the run's config_train.yaml). Consumes the checkpoint
+# argument from "$@".
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 export OWT_SUBSET_NUM="${OWT_SUBSET_NUM:-11000}" WANDB_MODE="${WANDB_MODE:-offline}"
-PY="${PYTHON:-python}"
-if [[ -z "${OUTPUT_DIR:-}" ]]; then
-  if [[ -d /kaggle/working ]]; then OUTPUT_DIR=/kaggle/working; else OUTPUT_DIR="$PWD/outputs"; fi
-fi
 # Hydra overrides that rebuild the trained model and data from a run's config_train.yaml.
 saved_overrides() {
   [[ -f "$1" ]] || return 0

@@ -9,8 +9,7 @@
 # the train script's defaults (ALGO, MODEL, LENGTH, OWT_SUBSET_NUM); overrides given here win.
 # Writes ppl_eval.json into the run directory (or $OUTPUT_DIR/eval when that is read-only).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-source scripts/checkpoint_args.sh
+source "$(dirname "$0")/checkpoint_args.sh"
 args=(mode=ppl_eval data=openwebtext-split "algo=${ALGO:-duo_base}" "model=${MODEL:-small}" "model.length=${LENGTH:-512}"
       trainer.precision=16 loader.eval_batch_size=8 "data.cache_dir='$OUTPUT_DIR/data_cache'" "${SAVED[@]}"
       "eval.checkpoint_path='$CKPT'" "hydra.run.dir='$RUN_DIR'" "$@")

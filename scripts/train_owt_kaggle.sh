@@ -8,21 +8,18 @@
 # Re-running the same command resumes from <run dir>/checkpoints/last.ckpt. Settings from the
 # environment (defaults in brackets): OWT_SUBSET_NUM [11000], ALGO [duo_base], MODEL [small],
 # LENGTH [512], MAX_TIME [00:11:00:00, DD:HH:MM:SS], OUTPUT_DIR [/kaggle/working, else ./outputs],
-# RUN_DIR [$OUTPUT_DIR/owt$OWT_SUBSET_NUM-$ALGO-$MODEL-L$LENGTH], PYTHON [python].
+# RUN_DIR [$OUTPUT_DIR/owt$OWT_SUBSET_NUM-$ALGO-$MODEL-L$LENGTH], PYTHON [./.venv/bin/python when
+# it exists, else python].
 # Without internet: data.data_files=/kaggle/input/<dataset>/*.parquet. On a CPU, precision 16
 # falls back to 32 (main.py says so).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/common.sh"
 export OWT_SUBSET_NUM="${OWT_SUBSET_NUM:-11000}" WANDB_MODE="${WANDB_MODE:-offline}"
 ALGO="${ALGO:-duo_base}" MODEL="${MODEL:-small}" LENGTH="${LENGTH:-512}"
-if [[ -z "${OUTPUT_DIR:-}" ]]; then
-  if [[ -d /kaggle/working ]]; then OUTPUT_DIR=/kaggle/working; else OUTPUT_DIR="$PWD/outputs"; fi
-fi
 RUN_DIR="${RUN_DIR:-$OUTPUT_DIR/owt$OWT_SUBSET_NUM-$ALGO-$MODEL-L$LENGTH}"
 args=(mode=train data=openwebtext-split "algo=$ALGO" "model=$MODEL" "model.length=$LENGTH"
       trainer.precision=16 loader.batch_size=8 loader.global_batch_size=64 loader.eval_batch_size=8
       "trainer.max_time=${MAX_TIME:-00:11:00:00}" checkpointing.every_n_train_steps=1000
       checkpointing.keep_last=1 "data.cache_dir='$OUTPUT_DIR/data_cache'" "hydra.run.dir='$RUN_DIR'" "$@")
-PY="${PYTHON:-python}"
 echo "+ OWT_SUBSET_NUM=$OWT_SUBSET_NUM $PY main.py ${args[*]}"
 exec "$PY" main.py "${args[@]}"
