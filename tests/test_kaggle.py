@@ -58,7 +58,7 @@ def test_presets_describe_the_kaggle_gpus():
 
 
 @pytest.mark.parametrize('spec', ['t4', 't4x2', 'p100', 'a100-40', 'a100-80', 'h100'])
-@pytest.mark.parametrize('algo', ['duo_base', 'duo', 'mdlm', 'ar'])
+@pytest.mark.parametrize('algo', ['duo_base', 'duo', 'mdlm', 'sedd', 'd3pm', 'ar'])
 def test_planned_batch_is_the_largest_that_fits_and_reaches_the_global_batch(spec, algo):
     device = hardware.preset(spec)
     s = shape('small', causal=algo == 'ar')
@@ -90,6 +90,21 @@ def test_plans_order_by_memory_and_algorithm():
     assert hardware.plan_batch(t4, s, 'duo', '16', 512).batch_size <= hardware.plan_batch(t4, s, 'duo_base', '16', 512).batch_size
     # DDP's gradient buckets cost memory: two T4s never allow a larger per-device batch than one.
     assert hardware.plan_batch(hardware.preset('t4x2'), s, 'duo_base', '16', 512).batch_size <= batch['t4']
+
+
+def test_memory_model_of_sedd_and_d3pm():
+    """SEDD's step is MDLM's with another loss of the same kernel; D3PM's second (clean-sequence)
+    forward keeps a second set of activations and logits until backward."""
+    s = shape('small')
+    mdlm, sedd, d3pm = (hardware.train_step_bytes(s, 8, '16', algo) for algo in ('mdlm', 'sedd', 'd3pm'))
+    assert sedd.total == mdlm.total
+    assert d3pm.parts['activations'] == 2 * mdlm.parts['activations']
+    K, tokens = s.vocab_size, 8 * s.length
+    assert d3pm.parts['logits+grads'] - mdlm.parts['logits+grads'] == 2 * K * tokens  # one fp16 (B, L, K) more
+    t4 = hardware.preset('t4')
+    assert (hardware.plan_batch(t4, s, 'd3pm', '16', 512).batch_size
+            < hardware.plan_batch(t4, s, 'sedd', '16', 512).batch_size
+            == hardware.plan_batch(t4, s, 'mdlm', '16', 512).batch_size)
 
 
 def test_a_model_that_cannot_fit_is_an_error_naming_the_fix():
@@ -306,6 +321,22 @@ def test_dry_run_on_ampere_uses_bf16_and_passes_overrides_last(capsys, tmp_path)
     assert argv[-2:] == ['optim.lr=1e-4', 'model.length=256']
 
 
+@pytest.mark.parametrize('algo, removal', [('sedd', 'ancestral'), ('d3pm', 'greedy')])
+def test_dry_run_plans_sedd_and_d3pm(capsys, tmp_path, algo, removal):
+    """--algo sedd / d3pm: their batch plan, and a sample stage main.py accepts (SEDD has no greedy
+    noise removal: ancestral unless --noise-removal says otherwise)."""
+    code, out, err = dry_run(capsys, '--assume-gpu', 't4', '--algo', algo, '--output-dir', str(tmp_path))
+    assert code == 0, err
+    sample = next(line for line in out.splitlines() if 'main.py mode=sample_eval' in line)
+    assert f'sampling.noise_removal={removal}' in sample and f'noise removal {removal}' in out
+    argv = shlex.split(sample)
+    config = kaggle_train.compose_config(argv[argv.index('main.py') + 1:])
+    assert config.algo.name == algo and config.sampling.predictor == ('analytic' if algo == 'sedd' else 'ancestral')
+    code, out, _ = dry_run(capsys, '--assume-gpu', 't4', '--algo', 'sedd', '--noise-removal', 'none',
+                           '--output-dir', str(tmp_path))
+    assert code == 0 and 'sampling.noise_removal=none' in out
+
+
 def test_overrides_after_data_files_and_model_overrides_are_honoured(capsys, tmp_path):
     code, out, err = dry_run(capsys, '--assume-gpu', 't4', '--output-dir', str(tmp_path), '--data-files',
                              str(tmp_path / 'a.jsonl'), 'model=tiny', 'optim.lr=1e-4')
@@ -350,6 +381,17 @@ def test_setup_reference_attention_is_softmax_attention():
     assert torch.allclose(out[0, 0, 0], v[0, 0, 0])
     w = torch.softmax(torch.stack([q[0, 2, 0] @ k[0, j, 0] for j in range(3)]) / 2 ** 0.5, 0)
     assert torch.allclose(out[0, 2, 0], sum(w[j] * v[0, j, 0] for j in range(3)))
+
+
+@pytest.mark.parametrize('algo', ['sedd', 'd3pm'])
+def test_setup_training_step_knows_sedd_and_d3pm(algo):
+    assert setup.check_training_step(hardware.preset('cpu'), '32', algo).startswith(f'algo={algo} on cpu in 32')
+
+
+def test_setup_refuses_an_unknown_algo(capsys):
+    with pytest.raises(SystemExit) as e:
+        setup.main(['--algo', 'sed'])
+    assert e.value.code == 2 and '--algo=sed is unknown: use one of ar, d3pm,' in capsys.readouterr().err
 
 
 def test_setup_subset_check_reports_a_bad_env(monkeypatch):
