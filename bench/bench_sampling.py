@@ -1,17 +1,21 @@
 """Sampling throughput and the samplers' overhead on top of the network (SPEC §6).
 
-For each algorithm (ar, mdlm with the per-sequence cache, duo_base) and step count, samples one
-batch from a DiT with random weights and reports tokens/s and the share of the wall time spent
-outside the backbone's forward passes. Target: the sampler adds at most 15% to the forwards.
-The same run times an upstream-style reference (`naive`): float64 probabilities over the whole
-vocabulary, a one-hot posterior (B, L, K) per step, float64 Gumbel draws over all of it, MDLM
-caching decided for the whole batch, AR recomputing the whole prefix for every token.
+For each algorithm (ar, mdlm with the per-sequence cache, mdlm_uncached, sedd with the analytic
+predictor, d3pm on its T = 1000 grid, duo_base) and step count, samples one batch from a DiT with
+random weights and reports tokens/s and the share of the wall time spent outside the backbone's
+forward passes. Target: the sampler adds at most 15% to the forwards; SEDD's analytic sampler
+within 10% of MDLM's uncached one. The same run times an upstream-style reference (`naive`):
+float64 probabilities over the whole vocabulary, a one-hot posterior (B, L, K) per step, float64
+Gumbel draws over all of it, MDLM caching decided for the whole batch, SEDD's (B, L, K) float64
+staggered-score product, AR recomputing the whole prefix for every token (mdlm_uncached and d3pm
+have none: their upstream samplers are the mdlm one and a wrong one, SPEC-2 §12 pitfall (c)).
 
     python bench/bench_sampling.py                      # the default preset (see --help)
     python bench/bench_sampling.py --steps 8 --length 64 --algos mdlm duo_base
 """
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -27,7 +31,10 @@ sys.path.insert(0, str(ROOT))
 import samplers  # noqa: E402
 from models.dit import DiT  # noqa: E402
 
-ALGOS = ('ar', 'mdlm', 'duo_base')
+ALGOS = ('ar', 'mdlm', 'mdlm_uncached', 'sedd', 'd3pm', 'duo_base')
+DEFAULT_ALGOS = ('ar', 'mdlm', 'duo_base')
+NAIVE = ('ar', 'mdlm', 'sedd', 'duo_base')
+D3PM_T = 1000
 EPS = 1e-3  # log-linear schedule alpha_t = 1 - (1 - eps) t
 
 
@@ -85,13 +92,19 @@ def ours(algo, model, args, steps, timer, generator):
     # as algorithms._Diffusion.sample does: on the CPU one logits buffer serves every step
     buffer = torch.empty(args.batch, args.length, args.vocab) if args.device.type == 'cpu' else None
     out = lambda z: None if buffer is None else buffer[:len(z)]
-    if algo == 'mdlm':
+    if algo.startswith('mdlm'):
         logits_fn = timer.wrap(lambda z, t: model(z, torch.zeros_like(t), out=out(z)))
-    else:
+    else:  # time conditioned
         logits_fn = timer.wrap(lambda z, t: model(z, -torch.log(alpha_fn(t)), out=out(z)))
+    extra = {}
+    if algo == 'sedd':
+        extra = {'step': samplers.sedd_step}
+    elif algo == 'd3pm':  # as algorithms.D3PM: steps points of the training grid i / T, from 1 to 1 / T
+        k = torch.arange(steps + 1, dtype=torch.float64, device=args.device)
+        extra = {'step': samplers.d3pm_step, 'grid': torch.round(D3PM_T - k * (D3PM_T - 1) / steps) / D3PM_T}
     return samplers.sample_diffusion(logits_fn, args.batch, args.length, args.vocab, alpha_fn, steps,
-                                     kind='absorbing' if algo == 'mdlm' else 'uniform', mask_id=mask_id,
-                                     cache=True, generator=generator, device=args.device)
+                                     kind='uniform' if algo == 'duo_base' else 'absorbing', mask_id=mask_id,
+                                     cache=algo == 'mdlm', generator=generator, device=args.device, **extra)
 
 
 # ---------------------------------------------------------------------------- upstream-style reference
@@ -134,6 +147,8 @@ def naive(algo, model, args, steps, timer, generator):
                 p_x0 = None
             x = x_new
         return x
+    if algo == 'sedd':
+        return naive_sedd(model, args, steps, timer, generator, grid)
     forward = timer.wrap(lambda z, t: model(z, -torch.log(alpha_fn(t))))
     x = torch.randint(K, (B, L), generator=generator, device=device)
     for i in range(steps + 1):
@@ -145,6 +160,31 @@ def naive(algo, model, args, steps, timer, generator):
         q = ((a_s - a_t) * x_hat + (K * a_t * (x_hat * one_hot).sum(-1, keepdim=True) + a_ts - a_t) * one_hot
              + (1 - a_ts) * (1 - a_s) / K)
         x = naive_categorical(q / q.sum(-1, keepdim=True), generator)
+    return x
+
+
+def naive_sedd(model, args, steps, timer, generator, grid):
+    """Upstream's analytic update the materialising way: the (B, L, K) float64 score of every
+    position, the staggered-score x transposed-transition product (p_j = c u_j, p_mask = 1 - c S at
+    masked positions, the token kept elsewhere), a float64 Gumbel draw over all of it; the last step
+    is the denoiser (c = 1, p_mask = 0)."""
+    B, L, K, mask_id = args.batch, args.length, args.vocab, args.vocab - 1
+    forward = timer.wrap(lambda z, t: model(z, -torch.log(alpha_fn(t))))
+    x = torch.full((B, L), mask_id, dtype=torch.long, device=args.device)
+    for i in range(steps + 1):
+        a_t = float(alpha_fn(grid[i]))
+        a_s = float(alpha_fn(grid[i + 1])) if i < steps else 1.0
+        log_score = forward(x, torch.full((B,), float(grid[i]), device=args.device)).double()
+        log_score = log_score - math.log((1 - a_t) / a_t) - math.log(K - 1)   # - log(e^sigma - 1) - log(K - 1)
+        log_score.scatter_(-1, x[..., None], 0.0)
+        score = log_score.exp()
+        c = (a_s - a_t) / (1 - a_t)
+        probs = c * score
+        probs[..., mask_id] = 1 - c * (score.sum(-1) - score[..., mask_id])
+        keep = torch.nn.functional.one_hot(x, K).double()
+        masked = (x == mask_id)[..., None]
+        probs = torch.where(masked, probs, keep).clamp_(min=0)
+        x = naive_categorical(probs, generator)
     return x
 
 
@@ -170,7 +210,7 @@ def measure(kind, algo, model, args, steps):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument('--algos', nargs='+', default=list(ALGOS), choices=ALGOS)
+    parser.add_argument('--algos', nargs='+', default=list(DEFAULT_ALGOS), choices=ALGOS)
     parser.add_argument('--steps', nargs='+', type=int, default=[32, 128],
                         help='diffusion steps (AR always runs length - 1 forwards, once)')
     parser.add_argument('--hidden', type=int, default=256)
@@ -205,10 +245,11 @@ def main(argv=None):
     for algo in args.algos:
         model = random_dit(args, algo == 'ar', args.device)
         warm = argparse.Namespace(**{**vars(args), 'length': min(args.length, 8)})
-        for kind in kinds:  # first calls allocate and spin up thread pools: not timed
+        algo_kinds = [k for k in kinds if k == 'ours' or algo in NAIVE]
+        for kind in algo_kinds:  # first calls allocate and spin up thread pools: not timed
             measure(kind, algo, model, warm, 1)
         for steps in ([args.length - 1] if algo == 'ar' else args.steps):
-            results = [measure(kind, algo, model, args, steps) for kind in kinds]
+            results = [measure(kind, algo, model, args, steps) for kind in algo_kinds]
             if len(results) == 2:
                 results[0]['speedup_vs_naive'] = results[1]['total_s'] / results[0]['total_s']
             for r in results:

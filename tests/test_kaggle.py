@@ -184,11 +184,13 @@ def test_block_activation_model_matches_what_autograd_saves(dtype, causal, dropo
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings('ignore:`export_memory_timeline` is deprecated')
-def test_training_step_peak_matches_the_profiler(tmp_path):
+@pytest.mark.parametrize('algo, tolerance', [('duo', 0.05), ('d3pm', 0.1)])
+def test_training_step_peak_matches_the_profiler(tmp_path, algo, tolerance):
     """Whole-step peak (states, activations, logits and their gradients, the loss's temporaries,
-    DUO's relaxed input) against the CPU profiler's memory timeline for a bf16-autocast DUO step
-    (curriculum) with AdamW and EMA."""
-    algo = 'duo'
+    DUO's relaxed input, D3PM's second forward) against the CPU profiler's memory timeline for a
+    bf16-autocast step (DUO: curriculum) with AdamW and EMA. D3PM's noisy pass computes the logits
+    of its masked rows only, a share that depends on the drawn times: the estimate counts all rows
+    (measured: 6% above)."""
     import types
     from hydra import compose, initialize_config_dir
     from torch.profiler import ProfilerActivity, profile
@@ -203,14 +205,14 @@ def test_training_step_peak_matches_the_profiler(tmp_path):
     torch.manual_seed(0)
     algorithm = algorithms.ALGORITHMS[algo](config, K, K - 1)
     backbone = diffusion.make_backbone(config, K, causal=False)
-    module = types.SimpleNamespace(backbone=backbone)
+    module = types.SimpleNamespace(backbone=backbone, device=torch.device('cpu'))
     optimizer = torch.optim.AdamW(backbone.parameters(), lr=1e-3, foreach=True)
     ema = EMA(backbone.parameters(), 0.999)
     x, mask = torch.randint(K - 1, (B, L)), torch.ones(B, L, dtype=torch.long)
 
     def step():
         with torch.autocast('cpu', dtype=torch.bfloat16):
-            per_token, weight = algorithm.loss(module, x, mask, torch.rand(B), 0)
+            per_token, weight = algorithm.loss(module, x, mask, algorithm.times(module, B), 0)
         ((per_token * weight).sum() / weight.sum()).backward()
         optimizer.step()
         ema.update(backbone.parameters())
@@ -223,7 +225,7 @@ def test_training_step_peak_matches_the_profiler(tmp_path):
     measured = max(sum(s) for s in sizes)
     s = hardware.ModelShape(d, 64, 2, 4, L, K, 0.1)
     estimate = hardware.train_step_bytes(s, B, 'bf16', algo, mask_bytes=2, device='cpu').total
-    assert estimate == pytest.approx(measured, rel=0.05)
+    assert estimate == pytest.approx(measured, rel=tolerance)
 
 
 # ---- kaggle_train.py helpers ---------------------------------------------------------------
