@@ -130,6 +130,9 @@ def test_d3pm_times_are_stratified_step_indices_covering_1_to_T(monkeypatch):
     module = fake_module()
     for _ in range(20):
         assert sorted(algo.times(module, 7).tolist()) == list(range(1, 8))
+    # T = 1000 (upstream's t >= 1e-3 never drew i = 1 there, SPEC-2 §12 pitfall (b))
+    algo1000 = algorithms.build(make_config('algo=d3pm', 'algo.T=1000'), K, MASK)
+    assert sorted(algo1000.times(module, 1000).tolist()) == list(range(1, 1001))
     algo4 = algorithms.build(make_config('algo=d3pm', 'algo.T=4'), K, MASK)
     parts = []
     for rank in (0, 1):

@@ -510,6 +510,16 @@ def test_sedd_step_with_normalised_scores_is_the_absorbing_posterior(alpha_t, al
     assert counts[1, 4] == counts[1].sum()
 
 
+@pytest.mark.parametrize('shift', [-7.0, 3.0])
+def test_sedd_step_normalised_is_the_absorbing_posterior_for_any_shift(shift):
+    """normalised=True (MDLM's score, SPEC-2 §11 pitfalls): the logits of x̂ up to a per-row shift,
+    S taken as 1: chi-square against the §6 absorbing posterior."""
+    xhat = torch.tensor([0.1, 0.35, 0.0, 0.05, 0.3, 0.2], dtype=torch.float64)
+    logits = (sedd_logits(xhat) + shift)[None]
+    counts = step_counts(samplers.sedd_step, logits, torch.tensor([MASK_S]), 40_000, 0.2, 0.5, normalised=True)
+    assert chi_square_pvalue(counts[0], absorbing_posterior(xhat, 0.2, 0.5, MASK_S)) > 1e-3
+
+
 @pytest.mark.parametrize('scale', [0.3, 4.0])
 def test_sedd_step_unmasks_at_rate_min_1_cS(scale):
     """SPEC-2 §11 check (4), S != 1: unmask rate min(1, c S), the token drawn ∝ u."""
