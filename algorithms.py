@@ -165,6 +165,12 @@ class _Absorbing(_Diffusion):
         """z_t ~ Cat(alpha x + (1 - alpha) e_mask), alpha (B, 1) (or broadcastable to x0 (B, L))."""
         return torch.where(torch.rand(x0.shape, device=x0.device) < 1 - alpha, self.mask_id, x0)
 
+    def predictor_note(self, predictor):
+        # the cache skips the sequences with nothing to unmask, which needs unmask probabilities
+        # that do not depend on the network (SEDD's and D3PM's do)
+        return (' (its unmask probabilities need the network at every step: nothing to cache)'
+                if predictor == 'ancestral_cache' else '')
+
 
 class MDLM(_Absorbing):
     """Absorbing-state (masked) diffusion, SUBS parameterisation (no time conditioning by default).
@@ -199,10 +205,6 @@ class SEDD(_Absorbing):
     predictors = ('analytic',)
     noise_removals = ('ancestral', 'none')
 
-    def predictor_note(self, predictor):
-        return (' (its unmask probabilities need the network at every step: nothing to cache)'
-                if predictor == 'ancestral_cache' else '')
-
     def loss(self, module, x0, attention_mask, t, step):
         alpha, dalpha = self.schedule.alpha(t)[:, None], self.schedule.dalpha(t)[:, None]
         xt = self.corrupt(x0, alpha)
@@ -234,10 +236,6 @@ class D3PM(_Absorbing):
             raise ConfigError(f"algo.T={T} must be an integer >= 1 for algo=d3pm (e.g. algo.T=1000)")
         self.T = T
         self.subs_masking = bool(config.algo.subs_masking)
-
-    def predictor_note(self, predictor):
-        return (' (its unmask probabilities need the network at every step: nothing to cache)'
-                if predictor == 'ancestral_cache' else '')
 
     def times(self, module, batch_size):
         """Step indices i (batch_size,) int64 in 1..T, stratified over the global batch per rank."""
