@@ -1,4 +1,4 @@
-"""The algorithms: AR, MDLM, DUO-base, DUO (curriculum) and DCD distillation.
+"""The algorithms: AR, MDLM, SEDD, D3PM, DUO-base, DUO (curriculum) and DCD distillation.
 
 Each algorithm is a small class that turns a clean batch x0 (B, L) into per-token losses and, for
 sampling, into a denoiser; the maths lives in losses.py, noise_schedule.py, latents.py and
@@ -7,6 +7,7 @@ algorithm's behaviour (its per-batch setup, its logged values, its checkpoint ex
 class: adding one means a class here, its pure maths, a configs/algo/<name>.yaml and tests.
 """
 import copy
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ import torch
 import latents
 import losses
 import noise_schedule
+import runtime
 import samplers
 import settings
 from errors import ConfigError
@@ -40,14 +42,28 @@ class Algorithm:
         ConfigError when they cannot work. Runs before a checkpoint's weights load."""
         predictor = self.config.sampling.predictor
         if predictor not in self.predictors:
-            raise ConfigError(f"sampling.predictor={predictor} does not apply to algo={self.config.algo.name}: use "
-                              f"one of {', '.join(self.predictors)} (e.g. sampling.predictor={self.predictors[0]})")
+            options = self.predictors[0] if len(self.predictors) == 1 else f"one of {', '.join(self.predictors)}"
+            raise ConfigError(f"sampling.predictor={predictor} does not apply to algo={self.config.algo.name}"
+                              f"{self.predictor_note(predictor)}: use {options} (e.g. sampling.predictor={self.predictors[0]})")
+
+    def predictor_note(self, predictor: str) -> str:
+        """Why `predictor` does not apply (inserted into check's one line), '' when obvious."""
+        return ''
 
     def before_batch(self, module, step: int):
         """Per-batch setup before the loss of optimizer step `step` (e.g. the distillation teacher)."""
 
+    def times(self, module, batch_size: int) -> torch.Tensor:
+        """The times (batch_size,) of this rank's share of a global batch, passed to loss/eval_loss:
+        t stratified over the global batch on [training.sampling_eps, 1] (SPEC §3), different on
+        every DDP rank. Discrete-time algorithms draw step indices instead (D3PM)."""
+        rank, world = runtime.rank_world()
+        return noise_schedule.stratified_times(batch_size, self.config.training.sampling_eps, rank, world,
+                                               device=module.device)
+
     def loss(self, module, x0, attention_mask, t, step):
-        """Training loss: (per-token loss (B, L'), weights (B, L')) for x0 (B, L) and times t (B,)."""
+        """Training loss: (per-token loss (B, L'), weights (B, L')) for x0 (B, L) and times t (B,)
+        (what `times` drew)."""
         raise NotImplementedError
 
     def eval_loss(self, module, x0, attention_mask, t, step):
@@ -104,6 +120,8 @@ class _Diffusion(Algorithm):
     """
     kind = None  # 'uniform' or 'absorbing' (samplers.sample_diffusion)
     predictors = ('ancestral', 'ancestral_cache', 'psi')
+    # The sampling.noise_removal values the algorithm's sampler implements.
+    noise_removals = samplers.NOISE_REMOVAL
     # Ψ weights below 0 (sampling.psi.negative_kappa) are distributions for absorbing steps only.
     negative_kappa = False
 
@@ -115,6 +133,11 @@ class _Diffusion(Algorithm):
 
     def check(self, module):
         super().check(module)
+        sampling = self.config.sampling
+        if sampling.noise_removal not in self.noise_removals:
+            raise ConfigError(f"sampling.noise_removal={sampling.noise_removal} does not apply to "
+                              f"algo={self.config.algo.name}: use {' or '.join(self.noise_removals)} "
+                              f"(e.g. sampling.noise_removal=ancestral)")
         self.sampler_arguments(self.config.sampling)  # on the schedule the checkpoint brought
 
     def sampler_arguments(self, sampling) -> dict:
@@ -163,24 +186,38 @@ class _Diffusion(Algorithm):
             **self.sampler_arguments(sampling))
 
 
-class MDLM(_Diffusion):
+class _Absorbing(_Diffusion):
+    """Absorbing-state (masked) diffusion: z_t keeps each token w.p. alpha_t, else [MASK]."""
+    kind = 'absorbing'
+
+    def corrupt(self, x0, alpha):
+        """z_t ~ Cat(alpha x + (1 - alpha) e_mask), alpha (B, 1) (or broadcastable to x0 (B, L))."""
+        return torch.where(torch.rand(x0.shape, device=x0.device) < 1 - alpha, self.mask_id, x0)
+
+    def predictor_note(self, predictor):
+        # the cache skips the sequences with nothing to unmask, which needs unmask probabilities
+        # that do not depend on the network (SEDD's and D3PM's do)
+        return (' (its unmask probabilities need the network at every step: nothing to cache)'
+                if predictor == 'ancestral_cache' else '')
+
+
+class MDLM(_Absorbing):
     """Absorbing-state (masked) diffusion, SUBS parameterisation (no time conditioning by default).
 
-    Besides ancestral and psi sampling: remdm-conf, ReMDM-conf (SPEC-2 §13.6) on the linear grid
-    (per-token kappas from the confidences of the decoded tokens; sampling.psi.* do not apply)."""
-    kind = 'absorbing'
+    sampling.predictor=analytic samples with SEDD's analytic step on MDLM's score (SPEC-2 §11
+    pitfalls: log s = log x_θ + log(alpha/(1 - alpha)), whose mass S is 1): the same law as the
+    uncached ancestral sampler, through samplers.sedd_step.
+    """
     family = 'subs'
-    predictors = (*_Diffusion.predictors, 'remdm-conf')
+    predictors = (*_Diffusion.predictors, 'remdm-conf', 'analytic')
     negative_kappa = True
 
     def sampler_arguments(self, sampling):
         if sampling.predictor == 'remdm-conf':
             return {'remdm_conf': True, 'cache': True}  # the cache serves the final noise removal
+        if sampling.predictor == 'analytic':
+            return {'step': functools.partial(samplers.sedd_step, normalised=True)}
         return super().sampler_arguments(sampling)
-
-    def corrupt(self, x0, alpha):
-        """z_t ~ Cat(alpha x + (1 - alpha) e_mask): keep x0 w.p. alpha, else [MASK]."""
-        return torch.where(torch.rand(x0.shape, device=x0.device) < 1 - alpha, self.mask_id, x0)
 
     def loss(self, module, x0, attention_mask, t, step):
         alpha, dalpha = self.schedule.alpha(t)[:, None], self.schedule.dalpha(t)[:, None]
@@ -188,6 +225,83 @@ class MDLM(_Diffusion):
         # Unmasked positions cost nothing (SUBS): the network computes the masked positions' logits only.
         logits = module.backbone(xt, self.sigma(alpha), attention_mask=attention_mask, output_rows=xt == self.mask_id)
         return losses.mdlm_loss(logits, x0, xt, alpha, dalpha, self.mask_id, reuse_logits=True), attention_mask
+
+
+class SEDD(_Absorbing):
+    """SEDD, absorbing score entropy (SPEC-2 §11): a time-conditioned score network whose logits l
+    give the unnormalised x̂ u_j = exp(l_j)/(K - 1) at masked positions, trained and validated on the
+    closed-form score entropy (an upper bound on the NLL), sampled with the `analytic` (Tweedie
+    tau-leaping) predictor. As upstream, greedy noise removal is not offered; ancestral_cache is
+    not either (the unmask probability of every masked token needs the network at every step)."""
+    family = 'score'
+    predictors = ('analytic',)
+    noise_removals = ('ancestral', 'none')
+
+    def loss(self, module, x0, attention_mask, t, step):
+        alpha, dalpha = self.schedule.alpha(t)[:, None], self.schedule.dalpha(t)[:, None]
+        xt = self.corrupt(x0, alpha)
+        # Unmasked positions' scores are unused: the network computes the masked positions' logits only.
+        logits = module.backbone(xt, self.sigma(alpha), attention_mask=attention_mask, output_rows=xt == self.mask_id)
+        return losses.sedd_loss(logits, x0, xt, alpha, dalpha, self.mask_id, reuse_logits=True), attention_mask
+
+    def sampler_arguments(self, sampling):
+        return {'step': samplers.sedd_step}
+
+
+class D3PM(_Absorbing):
+    """Absorbing D3PM in discrete time (SPEC-2 §12): T = algo.T steps t_i = i/T, x̂ = softmax over all
+    K classes (the [MASK] included unless algo.subs_masking), trained and validated on the discrete
+    NELBO L_rec + T KL_i with i ~ U{1..T} stratified (every i, the last step i = 1 included).
+
+    The sampler runs on the training grid: sampling.steps steps from t = 1 to t_1 = 1/T over grid
+    points (all of them when sampling.steps >= T - 1, an evenly spread subset otherwise), drawing
+    from p_θ(z_s | z_t) (samplers.d3pm_step: unmasked tokens never change), then noise removal is
+    the last step t_1 -> 0 (ancestral: every remaining mask drawn from x̂ without the mask class;
+    greedy: its argmax). Predictor 'ancestral' only: the unmask probabilities need the network."""
+    family = 'mean'
+    predictors = ('ancestral',)
+
+    def __init__(self, config, vocab_size, mask_id):
+        super().__init__(config, vocab_size, mask_id)
+        T = config.algo.T
+        if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+            raise ConfigError(f"algo.T={T} must be an integer >= 1 for algo=d3pm (e.g. algo.T=1000)")
+        self.T = T
+        self.subs_masking = bool(config.algo.subs_masking)
+
+    def times(self, module, batch_size):
+        """Step indices i (batch_size,) int64 in 1..T, stratified over the global batch per rank."""
+        rank, world = runtime.rank_world()
+        return noise_schedule.discrete_times(batch_size, self.T, rank, world, device=module.device)
+
+    def _network(self, module, x, alpha, **kwargs):
+        """The backbone's logits at sigma(alpha); the [MASK] logit -inf with algo.subs_masking."""
+        logits = module.backbone(x, self.sigma(alpha).float(), **kwargs)
+        if self.subs_masking:
+            logits[..., self.mask_id] = float('-inf')
+        return logits
+
+    def logits(self, module, xt, t, out=None):
+        return self._network(module, xt, self.schedule.alpha(t), out=out)
+
+    def loss(self, module, x0, attention_mask, i, step):
+        alpha_t, alpha_s = (a[:, None] for a in noise_schedule.discrete_alphas(self.schedule, i, self.T))
+        xt = self.corrupt(x0, alpha_t)
+        masked = xt == self.mask_id
+        logits = self._network(module, xt, alpha_t, attention_mask=attention_mask, output_rows=masked)
+        kl = losses.d3pm_loss(logits, x0, xt, alpha_t, alpha_s, self.T, self.mask_id, reuse_logits=True)
+        # L_rec: a second pass, on the clean sequence at sigma = 0 (alpha_0 = 1)
+        clean = self._network(module, x0, torch.ones_like(alpha_t), attention_mask=attention_mask)
+        return losses.d3pm_reconstruction_loss(clean, x0, reuse_logits=True) + kl, attention_mask
+
+    def sampler_arguments(self, sampling):
+        # grid[k] = i_k / T with i_k from T down to 1: points of the training grid, evenly spread
+        # (repeated points, when steps > T - 1, are zero-length steps: skipped by the sampler);
+        # float64 on the CPU, as the Ψ grid (the sampler reads it as floats)
+        steps = int(sampling.steps)
+        k = torch.arange(steps + 1, dtype=torch.float64)
+        i = torch.round(self.T - k * (self.T - 1) / steps)
+        return {'step': samplers.d3pm_step, 'grid': i / self.T}
 
 
 class DUOBase(_Diffusion):
@@ -478,7 +592,8 @@ class Distillation(DUOBase):
             self.teacher_round = checkpoint['teacher']['round']
 
 
-ALGORITHMS = {'ar': AR, 'mdlm': MDLM, 'duo_base': DUOBase, 'duo': DUO, 'distillation': Distillation}
+ALGORITHMS = {'ar': AR, 'mdlm': MDLM, 'sedd': SEDD, 'd3pm': D3PM, 'duo_base': DUOBase, 'duo': DUO,
+              'distillation': Distillation}
 
 
 def build(config, vocab_size: int, mask_id: int) -> Algorithm:

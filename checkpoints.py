@@ -249,10 +249,16 @@ def configure_from(config, source: Source, explicit=frozenset(), setting: str = 
             raise ConfigError(f"{setting}={path} is a checkpoint of algo={theirs}, whose network does not fit "
                               f"algo={mine}: drop algo= (the checkpoint's algorithm is used) or pass algo={theirs}")
         if evaluating and 'algo' not in explicit and mine != theirs:
-            defaults = OmegaConf.load(Path(__file__).resolve().parent / 'configs' / 'algo' / f'{theirs}.yaml')
-            defaults = defaults.algo if 'algo' in defaults else defaults  # distillation.yaml is a global package
+            file = OmegaConf.load(Path(__file__).resolve().parent / 'configs' / 'algo' / f'{theirs}.yaml')
+            is_global = 'algo' in file  # a global package (distillation.yaml, sedd.yaml, d3pm.yaml)
+            defaults = file.algo if is_global else file
             with open_dict(config):
                 config.algo = OmegaConf.merge(defaults, {k: v for k, v in stored.items() if k in defaults})
+                # The file's other settings too (e.g. sedd.yaml's sampling.predictor), as `algo=` would
+                # give them, unless the command line gives them
+                for key, value in (_leaves(file, skip=('algo',)) if is_global else []):
+                    if not any(key == e or key.startswith(e + '.') for e in explicit):
+                        OmegaConf.update(config, key, value, force_add=True)
             log.info('%s is a checkpoint of algo=%s: using it', path, theirs)
     with open_dict(config):
         if 'time_conditioning' in stored and 'time_conditioning' in config.algo \
@@ -278,6 +284,19 @@ def configure_from(config, source: Source, explicit=frozenset(), setting: str = 
             config.data.tokenizer_name_or_path = source.tokenizer
     log.info('Model of %s: algo=%s hidden_size=%d cond_dim=%d n_blocks=%d n_heads=%d length=%d', path,
              config.algo.name, *(int(config.model[k]) for k in (*SIZE_KEYS, 'length')))
+
+
+def _leaves(node, prefix: str = '', skip=()) -> list[tuple[str, object]]:
+    """(dotted key, value) of every leaf of an OmegaConf node, but the top-level keys in `skip`."""
+    out = []
+    for key, value in node.items():
+        if key in skip:
+            continue
+        if OmegaConf.is_dict(value):
+            out += _leaves(value, f'{prefix}{key}.')
+        else:
+            out.append((f'{prefix}{key}', value))
+    return out
 
 
 def load_model(config, tokenizer, source: Source | None = None, explicit=frozenset(),

@@ -252,15 +252,18 @@ def _reading(data) -> dict:
             'detokenizer': data.get('detokenizer')}
 
 
-def _local_filesets(data, cache_dir: str) -> tuple[FileSet, FileSet | None, str]:
-    """data.data_files -> (train files, validation files or None, why validation is missing)."""
+def _local_filesets(data, cache_dir: str) -> tuple[FileSet | None, FileSet | None, str]:
+    """data.data_files -> (train files (None: {validation: ...} only), validation files or None, why
+    validation is missing)."""
     spec = data.data_files
     if _is_mapping(spec):
         unknown = set(spec.keys()) - {'train', 'validation'}
-        if unknown or spec.get('train') is None:
+        if unknown or spec.get('train') is None and spec.get('validation') is None:
             raise DataError(f'data.data_files must be a path/glob/list or {{train: ..., validation: ...}} '
                             f'(got keys {sorted(spec.keys())}); '
                             'e.g. data.data_files={train: a.jsonl, validation: b.jsonl}')
+        if spec.get('train') is None:  # validation only (evaluation); training asks for train files
+            return None, FileSet(_items(spec['validation']), 'data.data_files.validation', cache_dir), ''
         train = FileSet(_items(spec['train']), 'data.data_files.train', cache_dir)
         if spec.get('validation') is None:
             return train, None, 'data.data_files names no validation files'
@@ -301,6 +304,48 @@ def load_data_config(name: str, like):
     return data
 
 
+def eval_data_configs(config, explicit=frozenset()) -> dict:
+    """{name: data config} of the sets of `eval.datasets` (mode=ppl_eval over several data configs).
+
+    Each entry is a data config name (configs/data/<name>.yaml) or a mapping {name: <config>,
+    <data key>: value, ...} whose keys override that config's (e.g. local files: {name: ptb,
+    data_files: {validation: ptb.txt}}). A set is what `data=<name>` would give with the same
+    command line: the command line's own data.* settings (`explicit`, e.g. data.insert_valid_eos)
+    apply to every set, below the entry's keys; the tokenizer is always the model's
+    (config.data.tokenizer_name_or_path), the cache settings those of config.data.
+    """
+    from omegaconf import OmegaConf, open_dict
+    entries = config.eval.datasets
+    known = sorted(p.stem for p in (PROJECT_DIR / 'configs' / 'data').glob('*.yaml'))
+    example = 'e.g. eval.datasets=[wikitext2,ptb]'
+    if not OmegaConf.is_list(entries) or len(entries) == 0:
+        raise DataError(f'eval.datasets={entries} must be a non-empty list of data config names ({example})')
+    given = {key.split('.')[1] for key in explicit if key.startswith('data.')}
+    out = {}
+    for entry in entries:
+        own = {}
+        if OmegaConf.is_dict(entry):
+            own = OmegaConf.to_container(entry)
+            entry = own.pop('name', None)
+        if not isinstance(entry, str) or entry not in known:
+            raise DataError(f'eval.datasets: {entry} is not a data config (configs/data/<name>.yaml); use names '
+                            f'among {", ".join(known)} or {{name: <config>, <data key>: value}} ({example})')
+        if entry in out:
+            raise DataError(f'eval.datasets names {entry} twice: each set once ({example})')
+        data = load_data_config(entry, config.data)
+        unknown = sorted(set(own) - set(data))
+        if unknown:
+            raise DataError(f'eval.datasets: {unknown[0]} (in the entry of {entry}) is not a data setting '
+                            f'(see configs/config.yaml), e.g. {{name: {entry}, data_files: {{validation: valid.txt}}}}')
+        with open_dict(data):
+            for key in given:
+                data[key] = config.data[key]
+            data.merge_with(own)
+            data.tokenizer_name_or_path = config.data.tokenizer_name_or_path
+        out[entry] = data
+    return out
+
+
 def document_sources(data, splits=('train', 'validation')) -> dict[str, DocumentSource]:
     """{split: DocumentSource} for the requested splits of a data config (SPEC §2 split semantics).
 
@@ -332,6 +377,10 @@ def document_sources(data, splits=('train', 'validation')) -> dict[str, Document
         raise DataError(f'data={data.name} names no documents: set data.train_files (e.g. data=local '
                         f'data.train_files=corpus.jsonl) or data.data_files=<local files>')
 
+    if train_files is None and ('train' in splits or data.get('char_chunk')):
+        raise DataError('data.data_files names validation files only: training (and character-split data such '
+                        'as text8) needs training files too, e.g. data.data_files={train: train.txt, '
+                        'validation: valid.txt}')
     if data.get('char_chunk'):  # text8: character ranges of one text, cut into pieces
         return {split: _char_source(data, train_files, reading, split, subset, limit_setting) for split in splits}
     if own_valid is not None:

@@ -19,7 +19,6 @@ import torchmetrics
 from omegaconf import OmegaConf
 
 import algorithms
-import noise_schedule
 import runtime
 from ema import EMA
 from errors import RunStopped
@@ -94,9 +93,7 @@ class Diffusion(L.LightningModule):
         return runtime.precision_dtype(precision) or torch.float32
 
     def _times(self, batch_size):
-        rank, world = runtime.rank_world()
-        return noise_schedule.stratified_times(batch_size, self.config.training.sampling_eps, rank, world,
-                                               device=self.device)
+        return self.algo.times(self, batch_size)
 
     def _loss(self, batch, step, train=True):
         x0, mask = batch['input_ids'], batch['attention_mask']

@@ -219,9 +219,13 @@ def final_layer_bytes(s: ModelShape, half: bool) -> int:
 # for DUO and MDLM, 3% for AR): the losses write the gradient into the logits' memory
 # (reuse_logits), so what remains is the logits, the output layer's input-gradient product and
 # one cast copy; the blocked kernels keep at most two row blocks alive. The distillation KL
-# (not re-measured since) is counted as before: three buffers and seven blocks.
-LOGIT_BUFFERS = {'duo': 3, 'duo_base': 3, 'mdlm': 3, 'ar': 3, 'distillation': 3}
-LOSS_CHUNK_BUFFERS = {'duo': 2, 'duo_base': 2, 'mdlm': 1, 'ar': 1, 'distillation': 7}
+# (not re-measured since) is counted as before: three buffers and seven blocks. SEDD is MDLM's
+# step with another loss of the same kernel. D3PM runs the network twice (the noisy sequence,
+# then the clean one for the reconstruction term) and both graphs live until backward: its
+# activations count twice (train_step_bytes) and the second pass's logits add one buffer.
+LOGIT_BUFFERS = {'duo': 3, 'duo_base': 3, 'mdlm': 3, 'sedd': 3, 'd3pm': 4, 'ar': 3, 'distillation': 3}
+LOSS_CHUNK_BUFFERS = {'duo': 2, 'duo_base': 2, 'mdlm': 1, 'sedd': 1, 'd3pm': 1, 'ar': 1, 'distillation': 7}
+FORWARD_PASSES = {'d3pm': 2}  # network passes per training step whose activations live until backward (1 else)
 
 
 @dataclass
@@ -256,7 +260,7 @@ def train_step_bytes(s: ModelShape, batch: int, precision: str, algo: str, world
     - algo=duo (curriculum, algo.curriculum.mode=simple) also keeps its relaxed one-hot input
       (B, L, K) float32 for the embedding's gradient; with `top_k` (the Duo++ top-k modes) the input
       is k ids (int64) and k float32 weights per token instead, whatever K; distillation keeps the
-      teacher's logits.
+      teacher's logits; d3pm keeps the activations of its second (clean-sequence) pass.
     - the optimizer step's peak (states plus one float32 temporary per parameter in foreach
       AdamW) is compared too; attention never materialises (L, L) scores.
     """
@@ -272,8 +276,8 @@ def train_step_bytes(s: ModelShape, batch: int, precision: str, algo: str, world
         states += 4 * P
     parts = {'states': states,
              'weight copies': h * counts['matmul'] if half else 0,
-             'activations': tokens * (s.n_blocks * block_activation_bytes(s, half, mask_bytes)
-                                      + final_layer_bytes(s, half) + 8),
+             'activations': FORWARD_PASSES.get(algo, 1) * tokens * (
+                 s.n_blocks * block_activation_bytes(s, half, mask_bytes) + final_layer_bytes(s, half) + 8),
              'logits+grads': LOGIT_BUFFERS.get(algo, 4) * h * K * tokens + h * K * s.hidden_size,
              'loss temporaries': LOSS_CHUNK_BUFFERS.get(algo, 7) * 4 * K * min(tokens, _chunk_rows(K, device))}
     if algo == 'duo':

@@ -62,7 +62,8 @@ class UsageError(ValueError):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--model', help='model size: tiny | small | medium (GPU default small) | micro (CPU default)')
-    p.add_argument('--algo', default='duo_base', help='ar | mdlm | duo_base | duo | distillation (default duo_base)')
+    p.add_argument('--algo', default='duo_base',
+                   help='ar | mdlm | sedd | d3pm | duo_base | duo | distillation (default duo_base)')
     p.add_argument('--subset', default='11000',
                    help='OWT_SUBSET_NUM: first N documents, 90%% train / 10%% validation; "all" for everything '
                         '(default 11000)')
@@ -91,7 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help='validation batches for the bound (default all on a GPU, 10 on the CPU)')
     p.add_argument('--num-samples', type=int, help='sequences to sample (default 8 on a GPU, 4 on the CPU)')
     p.add_argument('--sampling-steps', type=int, default=8, help='sampling steps (default 8)')
-    p.add_argument('--noise-removal', default='greedy', help='ancestral | greedy | none (default greedy: Greedy-Tail)')
+    p.add_argument('--noise-removal',
+                   help='ancestral | greedy | none (default greedy: Greedy-Tail; ancestral for sedd, which has no '
+                        'greedy noise removal)')
     p.add_argument('--gen-ppl-model', default='gpt2-large',
                    help='judge of generative perplexity, hub id or local directory (default gpt2-large; '
                         'skipped offline unless a local directory)')
@@ -204,6 +207,7 @@ class Plan:
     num_samples: int
     sample_batch: int
     gen_ppl: bool
+    noise_removal: str = 'greedy'  # sampling.noise_removal of the sample stage
     warmup: int | None = None  # a shorter learning-rate warmup for short runs
     overrides: list = field(default_factory=list)
     probe: dict | None = None
@@ -280,7 +284,8 @@ def make_plan(args, overrides, device: hardware.Device) -> Plan:
                               if set(args.stages) - {'train'} else 0),
                 eval_batches=args.eval_batches or (None if device.is_gpu else defaults['eval_batches']),
                 num_samples=num_samples, sample_batch=hardware.sample_batch_for(device, shape, num_samples),
-                gen_ppl=gen_ppl, warmup=short_warmup, overrides=overrides)
+                gen_ppl=gen_ppl, noise_removal=args.noise_removal or ('ancestral' if algo == 'sedd' else 'greedy'),
+                warmup=short_warmup, overrides=overrides)
 
 
 def common_overrides(plan: Plan, eval_batch_size: int) -> list[str]:
@@ -320,7 +325,7 @@ def main_commands(plan: Plan, args, train_seconds: int) -> dict:
     elif args.wandb == 'online':
         train.append('wandb.enabled=true')
     sample = ['mode=sample_eval', *common_overrides(plan, plan.sample_batch), ckpt,
-              f'sampling.steps={args.sampling_steps}', f'sampling.noise_removal={args.noise_removal}',
+              f'sampling.steps={args.sampling_steps}', f'sampling.noise_removal={plan.noise_removal}',
               f'sampling.num_sample_batches={math.ceil(plan.num_samples / plan.sample_batch)}',
               f'eval.compute_generative_perplexity={str(plan.gen_ppl).lower()}']
     if plan.gen_ppl:
@@ -383,7 +388,7 @@ def print_plan(plan: Plan, args, commands: dict, train_seconds: int):
         f'  evaluation  : batch {b.eval_batch_size} per device'
         + (f', first {plan.eval_batches} validation batches' if plan.eval_batches else ', whole validation split'),
         f'  sampling    : {plan.num_samples} sequences in batches of {plan.sample_batch}, {args.sampling_steps} steps, '
-        f'noise removal {args.noise_removal}; generative perplexity '
+        f'noise removal {plan.noise_removal}; generative perplexity '
         + (f'by {args.gen_ppl_model}' if plan.gen_ppl else 'skipped (offline)'),
         f'  data        : {data}',
         f'  output      : {plan.run_dir}  (tokenized cache: {dataloader.resolve_cache_dir({})})',

@@ -127,8 +127,8 @@ def d3pm_loss(logits: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, alpha_t:
 
 
 def _d3pm_coefficients(alpha_t: torch.Tensor, alpha_s: torch.Tensor):
-    """(a, b, rho_t, rho_s) in the alphas' precision (at least float32); rho_s := 0 where alpha_s = 1
-    (there b = 0 exactly, and b * log(1 + rho_s x̂_mask) must be 0, not 0 * inf)."""
+    """(a, b, rho_t, rho_s, rho_t - rho_s) in the alphas' precision (at least float32); rho_s := 0 where
+    alpha_s = 1 (there b = 0 exactly, and b * log(1 + rho_s x̂_mask) must be 0, not 0 * inf)."""
     alpha_t, alpha_s = _at_least_f32(alpha_t), _at_least_f32(alpha_s)
     final = alpha_s == 1
     a = (alpha_s - alpha_t) / (1 - alpha_t)
@@ -136,16 +136,21 @@ def _d3pm_coefficients(alpha_t: torch.Tensor, alpha_s: torch.Tensor):
     rho_t = alpha_t / (1 - alpha_t)
     rho_s = torch.where(final, torch.zeros_like(alpha_s), alpha_s / torch.where(final, torch.ones_like(alpha_s),
                                                                                  1 - alpha_s))
-    return a, b, rho_t, rho_s
+    return a, b, rho_t, rho_s, rho_t - rho_s
 
 
-def _d3pm_kl(log_z, picked, a, b, rho_t, rho_s):
-    """KL_i from the row statistics: picked (..., 2) = (l_m, l_mask); coefficients broadcast to log_z."""
-    a, b, rho_t, rho_s = (c.to(log_z.dtype) for c in (a, b, rho_t, rho_s))
+def _d3pm_kl(log_z, picked, a, b, rho_t, rho_s, rho_diff):
+    """KL_i from the row statistics: picked (..., 2) = (l_m, l_mask); coefficients broadcast to log_z.
+
+    The b term log(1 + rho_t x̂_mask) - log(1 + rho_s x̂_mask) is computed as
+    log1p((rho_t - rho_s) x̂_mask / (1 + rho_s x̂_mask)) with rho_t - rho_s from the alphas' precision:
+    the two logs differ by O(1/T), and their float32 difference, times T, lost 4 digits at T = 1000.
+    """
+    a, b, rho_t, rho_s, rho_diff = (c.to(log_z.dtype) for c in (a, b, rho_t, rho_s, rho_diff))
     log_x_m = picked[..., 0] - log_z
     x_mask = torch.exp(picked[..., 1] - log_z)
     log_n_t = torch.log1p(rho_t * x_mask)  # log(N / (1 - alpha_t)), N the normaliser of p_theta
-    return a * (log_n_t - log_x_m) + b * (log_n_t - torch.log1p(rho_s * x_mask))
+    return a * (log_n_t - log_x_m) + b * torch.log1p(rho_diff * x_mask / (1 + rho_s * x_mask))
 
 
 def d3pm_reconstruction_loss(logits: torch.Tensor, x0: torch.Tensor, reuse_logits: bool = False) -> torch.Tensor:

@@ -20,7 +20,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 import callbacks
 import checkpoints
@@ -174,15 +174,35 @@ def check_training_blocks(config, sampler):
 
 
 def ppl_eval(config, run_dir: Path):
+    """The likelihood bound on data's validation split, or on every set of eval.datasets (one table,
+    one JSON: {'checkpoint', 'algo', 'datasets': {name: {nll, ppl, bpd, tokens, data}}})."""
     tokenizer, model = load_for_eval(config)
-    _, valid_loader = dataloader.get_dataloaders(config, tokenizer)
+    several = config.eval.datasets is not None
+    sets = (dataloader.eval_data_configs(config, settings.explicit_keys(cli.explicit_overrides())) if several
+            else {config.data.name: config.data})
+    loaders, own = {}, config.data
+    for name, data in sets.items():  # every set tokenized (and checked) before anything is written
+        with open_dict(config):
+            config.data = data
+        loaders[name] = dataloader.get_dataloaders(config, tokenizer)[1]
+    with open_dict(config):
+        config.data = own
     trainer = build_trainer(config, run_dir, for_training=False)
     cli.begin_run(config, run_dir)
-    values = trainer.validate(model, valid_loader, verbose=False)[0]
-    result = {'nll': values['val/nll'], 'ppl': values['val/ppl'], 'bpd': values['val/bpd'],
-              'tokens': int(values['val/tokens']), 'checkpoint': str(config.eval.checkpoint_path),
-              'algo': config.algo.name, 'data': dataloader.describe(config.data, 'validation')}
-    print(json.dumps(result, indent=2))
+    results = {}
+    for name, loader in loaders.items():
+        values = trainer.validate(model, loader, verbose=False)[0]
+        results[name] = {'nll': values['val/nll'], 'ppl': values['val/ppl'], 'bpd': values['val/bpd'],
+                         'tokens': int(values['val/tokens']), 'data': dataloader.describe(sets[name], 'validation')}
+    about = {'checkpoint': str(config.eval.checkpoint_path), 'algo': config.algo.name}
+    if several:
+        result = {**about, 'datasets': results}
+        print(f"{'dataset':26} {'tokens':>11} {'nll':>8} {'ppl':>10} {'bpd':>7}")
+        for name, r in results.items():
+            print(f"{name:26} {r['tokens']:11d} {r['nll']:8.4f} {r['ppl']:10.3f} {r['bpd']:7.4f}")
+    else:
+        result = {**results[config.data.name], **about}
+        print(json.dumps(result, indent=2))
     write_json(config.eval.results_path, result)
     log.info('Wrote %s', config.eval.results_path)
     return result

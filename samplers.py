@@ -231,7 +231,8 @@ def fill_from_logits(z: torch.Tensor, positions: torch.Tensor, logits_rows: torc
 
 
 def sedd_step(z: torch.Tensor, logits: torch.Tensor, alpha_t: float, alpha_s: float, mask_id: int,
-              p_nucleus: float = 1.0, generator=None, use_float64: bool = True) -> torch.Tensor:
+              p_nucleus: float = 1.0, generator=None, use_float64: bool = True,
+              normalised: bool = False) -> torch.Tensor:
     """One SEDD `analytic` (Tweedie tau-leaping) step t -> s, absorbing (SPEC-2 §11): z_t (B, L) -> z_s (B, L).
 
     logits (B, L, K): the score network at (z_t, sigma_t); at a masked position they define the
@@ -241,19 +242,24 @@ def sedd_step(z: torch.Tensor, logits: torch.Tensor, alpha_t: float, alpha_s: fl
     unmasked tokens never change. alpha_s = 1 is the final denoising (upstream's `_denoiser_update`):
     every remaining mask is drawn. p_nucleus < 1 truncates u (normalised) before the draw of j and
     leaves the unmask probability as it is, like the absorbing sampler of §6 (upstream ignores it).
-    Only the masked rows of logits are read (and copied).
+    Only the masked rows of logits are read, and only those of the tokens that unmask are copied
+    whole. normalised=True: the logits are those of a normalised x̂ (any per-row shift, e.g. MDLM's,
+    whose score log s = log x̂ + log(alpha/(1 - alpha)) has S = 1, SPEC-2 §11 pitfalls): the unmask
+    probability is c, and S is not computed.
     """
     out = z.clone()
     positions = (z == mask_id).nonzero()
     if len(positions) == 0:
         return out
-    rows = logits[positions[:, 0], positions[:, 1]]
     if alpha_s < 1:
-        K = rows.shape[-1]
-        log_mass = _logsumexp_without(rows, mask_id) - math.log(K - 1)  # log S
-        p_unmask = torch.exp(log_mass + math.log((alpha_s - alpha_t) / (1 - alpha_t))).clamp_(max=1)
-        unmask = _bernoulli(p_unmask, generator)
-        positions, rows = positions[unmask], rows[unmask]
+        c = (alpha_s - alpha_t) / (1 - alpha_t)
+        if normalised:
+            p_unmask = torch.full(positions[:, 0].shape, c, dtype=torch.float64, device=z.device)
+        else:
+            log_mass = _logsumexp_without(logits, positions, mask_id) - math.log(logits.shape[-1] - 1)  # log S
+            p_unmask = torch.exp(log_mass + math.log(c)).clamp_(max=1)
+        positions = positions[_bernoulli(p_unmask, generator)]
+    rows = logits[positions[:, 0], positions[:, 1]]
     return fill_from_logits(out, positions, rows, mask_id, p_nucleus, generator, use_float64)
 
 
@@ -289,11 +295,13 @@ def _bernoulli(p: torch.Tensor, generator) -> torch.Tensor:
     return torch.rand(p.shape, dtype=torch.float64, generator=generator, device=p.device) < p
 
 
-def _logsumexp_without(rows: torch.Tensor, excluded_id: int) -> torch.Tensor:
-    """LSE over every class but excluded_id per row of rows (N, K) -> (N,) float64; rows unchanged."""
-    out = torch.empty(rows.shape[0], dtype=torch.float64, device=rows.device)
-    for start, end in _row_chunks(rows.shape[0], rows.shape[1], rows.device):
-        chunk = rows[start:end].to(torch.promote_types(rows.dtype, torch.float32), copy=True)
+def _logsumexp_without(logits: torch.Tensor, positions: torch.Tensor, excluded_id: int) -> torch.Tensor:
+    """LSE over every class but excluded_id of the rows logits[positions] (logits (B, L, K), positions
+    (N, 2)) -> (N,) float64; logits unchanged. The rows are gathered a chunk at a time (no (N, K) copy)."""
+    out = torch.empty(positions.shape[0], dtype=torch.float64, device=logits.device)
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    for start, end in _row_chunks(positions.shape[0], logits.shape[-1], logits.device):
+        chunk = logits[positions[start:end, 0], positions[start:end, 1]].to(dtype)  # a copy
         chunk[:, excluded_id] = float('-inf')
         out[start:end] = torch.logsumexp(chunk, -1)
     return out
@@ -548,7 +556,7 @@ def sample_diffusion(logits_fn, batch_size: int, length: int, vocab_size: int, a
                      p_nucleus: float = 1.0, use_float64: bool = True, cache: bool = True,
                      generator=None, device=None, progress: bool = False, t_min: float = T_MIN,
                      grid: torch.Tensor | None = None, kappas: torch.Tensor | None = None,
-                     remdm_conf: bool = False) -> torch.Tensor:
+                     remdm_conf: bool = False, step=None) -> torch.Tensor:
     """Ancestral or Ψ sampling over a time grid t_0 = 1 > ... > t_S; returns ids (B, L) int64.
 
     logits_fn(z (b, L) int64, t (b,) float32) -> denoiser logits (b, L, K), any float dtype; it may
@@ -567,6 +575,12 @@ def sample_diffusion(logits_fn, batch_size: int, length: int, vocab_size: int, a
     exact for any absorbing denoiser (x̂ is evaluated at the current z_t and t), so it is used at the
     steps with κ = 1 (with κ < 1 any token may change: the network sees the whole batch); False
     runs it on the whole batch at every step (the plain ancestral sampler).
+    step (absorbing only, without kappas or remdm_conf; cache is then not used): an absorbing step
+    whose unmask probabilities depend on the network, step(z, logits (B, L, K), alpha_t, alpha_s,
+    mask_id, p_nucleus=, generator=, use_float64=) -> z_s (sedd_step: SEDD's `analytic` predictor,
+    d3pm_step); it replaces the ancestral step, runs on the whole batch at every step that has a
+    [MASK] left (a step without any is the identity: no network call), and noise_removal='ancestral'
+    is the same step to alpha_s = 1.
     """
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r} is unknown; use 'uniform' (duo, duo_base) or 'absorbing' (mdlm)")
@@ -582,6 +596,9 @@ def sample_diffusion(logits_fn, batch_size: int, length: int, vocab_size: int, a
         raise ValueError(f"kappas must have shape ({steps + 1},) for sampling.steps={steps}, got {tuple(kappas.shape)}")
     if remdm_conf and (kind != 'absorbing' or kappas is not None):
         raise ValueError("ReMDM-conf is an absorbing (mdlm) sampler and sets its own kappas (sampling.psi.*)")
+    if step is not None and (kind != 'absorbing' or kappas is not None or remdm_conf):
+        raise ValueError("step= replaces the ancestral step of absorbing sampling: not with kind='uniform', "
+                         "kappas (sampling.psi.*) or ReMDM-conf")
     alphas = alpha_fn(grid.double()).double().tolist()
     step_kappas = [1.0] * steps if kappas is None else kappas.double().tolist()[:steps]
     draw = dict(p_nucleus=p_nucleus, generator=generator, use_float64=use_float64)
@@ -601,8 +618,13 @@ def sample_diffusion(logits_fn, batch_size: int, length: int, vocab_size: int, a
         raise ValueError(f"absorbing sampling needs mask_id in [0, {vocab_size}), got {mask_id}")
     z = torch.full(shape, mask_id, dtype=torch.long, device=device)
     confidence = torch.full(shape, math.nan, dtype=torch.float64, device=device) if remdm_conf else None
+    cache = cache and step is None
     for i in progress_steps(range(steps), 'sampling', unit='steps', enabled=progress):
         a_t, a_s = alphas[i], alphas[i + 1]
+        if step is not None:
+            if a_t != a_s and bool((z == mask_id).any()):  # else the identity: no network call
+                z = step(z, _call(logits_fn, z, grid[i]), a_t, a_s, mask_id, **draw)
+            continue
         if a_t == a_s and step_kappas[i] == 1 and not remdm_conf:
             continue  # a zero-length posterior step is the identity: no network call
         if remdm_conf or step_kappas[i] != 1:
@@ -618,7 +640,10 @@ def sample_diffusion(logits_fn, batch_size: int, length: int, vocab_size: int, a
         unmask = (z == mask_id) & (u < (a_s - a_t) / (1 - a_t))
         _absorbing_fill(logits_fn, z, unmask, grid[i], cache, mask_id, **draw)
     masked = z == mask_id
-    if noise_removal == 'ancestral':
+    if noise_removal == 'ancestral' and step is not None:
+        if bool(masked.any()):
+            z = step(z, _call(logits_fn, z, grid[-1]), alphas[-1], 1.0, mask_id, **draw)
+    elif noise_removal == 'ancestral':
         _absorbing_fill(logits_fn, z, masked, grid[-1], cache, mask_id, **draw)
     elif noise_removal == 'greedy':
         rows = masked.any(1).nonzero().squeeze(1) if cache else torch.arange(batch_size, device=z.device)

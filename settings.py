@@ -18,7 +18,7 @@ MODES = ('train', 'ppl_eval', 'sample_eval')
 # Enumerated settings: {key: (allowed values, example)}. Algorithm-specific ones are checked by
 # their algorithm (algorithms.py), data ones by dataloader.py.
 CHOICES = {
-    'sampling.predictor': (('ancestral', 'ancestral_cache', 'psi', 'remdm-conf'), 'ancestral'),
+    'sampling.predictor': (('ancestral', 'ancestral_cache', 'psi', 'remdm-conf', 'analytic'), 'ancestral'),
     'sampling.noise_removal': (('ancestral', 'greedy', 'none'), 'ancestral'),
     'algo.backbone': (('dit', 'hf_dit'), 'dit'),
     'model.attn_backend': (runtime.ATTN_BACKENDS, 'auto'),

@@ -419,9 +419,14 @@ def main(argv=None) -> int:
     parser.add_argument('--data-files', nargs='+', metavar='PATH', help='local data to check instead of the hub')
     parser.add_argument('--model', help='model the disk check sizes checkpoints for (default small on a GPU, micro on the CPU)')
     parser.add_argument('--length', type=int, default=512)
-    parser.add_argument('--algo', default='duo_base')
+    parser.add_argument('--algo', default='duo_base',
+                        help='the algorithm whose training step is checked: ar | mdlm | sedd | d3pm | duo_base | duo | '
+                             'distillation (default duo_base)')
     parser.add_argument('--precision', default='auto', help='16 | bf16 | 32 | auto (default: what the device supports)')
     args = parser.parse_args(argv)
+    algos = sorted(p.stem for p in (ROOT / 'configs' / 'algo').glob('*.yaml'))
+    if args.algo not in algos:
+        parser.error(f"--algo={args.algo} is unknown: use one of {', '.join(algos)} (e.g. --algo duo_base)")
     if args.offline:
         os.environ.update(HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1', TRANSFORMERS_OFFLINE='1')
     os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')

@@ -1,12 +1,15 @@
 """Sampling throughput and the samplers' overhead on top of the network (SPEC §6, SPEC-2 §13).
 
-For each algorithm (ar, mdlm with the per-sequence cache, duo_base) and step count, samples one
-batch from a DiT with random weights and reports tokens/s and the share of the wall time spent
-outside the backbone's forward passes. Target: the sampler adds at most 15% to the forwards.
-The same run times an upstream-style reference (`naive`): float64 probabilities over the whole
-vocabulary, a one-hot posterior (B, L, K) per step, float64 Gumbel draws over all of it, MDLM
-caching decided for the whole batch, AR recomputing the whole prefix for every token.
-For the diffusion models it also times the Ψ-sampler (`psi`, sampling.predictor=psi with the
+For each algorithm (ar, mdlm with the per-sequence cache, mdlm_uncached, sedd with the analytic
+predictor, d3pm on its T = 1000 grid, duo_base) and step count, samples one batch from a DiT with
+random weights and reports tokens/s and the share of the wall time spent outside the backbone's
+forward passes. Target: the sampler adds at most 15% to the forwards; SEDD's analytic sampler
+within 10% of MDLM's uncached one. The same run times an upstream-style reference (`naive`):
+float64 probabilities over the whole vocabulary, a one-hot posterior (B, L, K) per step, float64
+Gumbel draws over all of it, MDLM caching decided for the whole batch, SEDD's (B, L, K) float64
+staggered-score product, AR recomputing the whole prefix for every token (mdlm_uncached and d3pm
+have none: their upstream samplers are the mdlm one and a wrong one, SPEC-2 §12 pitfall (c)).
+For mdlm and duo_base it also times the Ψ-sampler (`psi`, sampling.predictor=psi with the
 published ReMDM-cap setting, max-capped-0.01 on the linear grid: kappa < 1 at every step, so
 every step is a Ψ-step and MDLM's network sees the whole batch); "vs ancestral" is its wall time
 over ours' (same steps; target: at most 1.10). --repeats alternates ours and psi and keeps the
@@ -18,6 +21,7 @@ median of each.
 """
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -33,7 +37,11 @@ sys.path.insert(0, str(ROOT))
 import samplers  # noqa: E402
 from models.dit import DiT  # noqa: E402
 
-ALGOS = ('ar', 'mdlm', 'duo_base')
+ALGOS = ('ar', 'mdlm', 'mdlm_uncached', 'sedd', 'd3pm', 'duo_base')
+DEFAULT_ALGOS = ('ar', 'mdlm', 'duo_base')
+NAIVE = ('ar', 'mdlm', 'sedd', 'duo_base')
+PSI_ALGOS = ('mdlm', 'duo_base')
+D3PM_T = 1000
 EPS = 1e-3  # log-linear schedule alpha_t = 1 - (1 - eps) t
 # The Ψ rows: the published ReMDM-cap setting (SPEC-2 §13.5), the sampling.psi.* keys.
 PSI = dict(time_profile='linear', high_mode='max-capped-0.01', middle_mode='max-capped-0.01',
@@ -94,14 +102,21 @@ def ours(algo, model, args, steps, timer, generator, psi=False):
     # as algorithms._Diffusion.sample does: on the CPU one logits buffer serves every step
     buffer = torch.empty(args.batch, args.length, args.vocab) if args.device.type == 'cpu' else None
     out = lambda z: None if buffer is None else buffer[:len(z)]
-    if algo == 'mdlm':
+    if algo.startswith('mdlm'):
         logits_fn = timer.wrap(lambda z, t: model(z, torch.zeros_like(t), out=out(z)))
-    else:
+    else:  # time conditioned
         logits_fn = timer.wrap(lambda z, t: model(z, -torch.log(alpha_fn(t)), out=out(z)))
-    grid, kappas = samplers.psi_schedule(steps, alpha_fn, **PSI) if psi else (None, None)
+    extra = {}
+    if psi:
+        extra['grid'], extra['kappas'] = samplers.psi_schedule(steps, alpha_fn, **PSI)
+    elif algo == 'sedd':
+        extra = {'step': samplers.sedd_step}
+    elif algo == 'd3pm':  # as algorithms.D3PM: steps points of the training grid i / T, from 1 to 1 / T
+        k = torch.arange(steps + 1, dtype=torch.float64)
+        extra = {'step': samplers.d3pm_step, 'grid': torch.round(D3PM_T - k * (D3PM_T - 1) / steps) / D3PM_T}
     return samplers.sample_diffusion(logits_fn, args.batch, args.length, args.vocab, alpha_fn, steps,
-                                     kind='absorbing' if algo == 'mdlm' else 'uniform', mask_id=mask_id,
-                                     cache=True, generator=generator, device=args.device, grid=grid, kappas=kappas)
+                                     kind='uniform' if algo == 'duo_base' else 'absorbing', mask_id=mask_id,
+                                     cache=algo != 'mdlm_uncached', generator=generator, device=args.device, **extra)
 
 
 def psi(algo, model, args, steps, timer, generator):
@@ -148,6 +163,8 @@ def naive(algo, model, args, steps, timer, generator):
                 p_x0 = None
             x = x_new
         return x
+    if algo == 'sedd':
+        return naive_sedd(model, args, steps, timer, generator, grid)
     forward = timer.wrap(lambda z, t: model(z, -torch.log(alpha_fn(t))))
     x = torch.randint(K, (B, L), generator=generator, device=device)
     for i in range(steps + 1):
@@ -159,6 +176,31 @@ def naive(algo, model, args, steps, timer, generator):
         q = ((a_s - a_t) * x_hat + (K * a_t * (x_hat * one_hot).sum(-1, keepdim=True) + a_ts - a_t) * one_hot
              + (1 - a_ts) * (1 - a_s) / K)
         x = naive_categorical(q / q.sum(-1, keepdim=True), generator)
+    return x
+
+
+def naive_sedd(model, args, steps, timer, generator, grid):
+    """Upstream's analytic update the materialising way: the (B, L, K) float64 score of every
+    position, the staggered-score x transposed-transition product (p_j = c u_j, p_mask = 1 - c S at
+    masked positions, the token kept elsewhere), a float64 Gumbel draw over all of it; the last step
+    is the denoiser (c = 1, p_mask = 0)."""
+    B, L, K, mask_id = args.batch, args.length, args.vocab, args.vocab - 1
+    forward = timer.wrap(lambda z, t: model(z, -torch.log(alpha_fn(t))))
+    x = torch.full((B, L), mask_id, dtype=torch.long, device=args.device)
+    for i in range(steps + 1):
+        a_t = float(alpha_fn(grid[i]))
+        a_s = float(alpha_fn(grid[i + 1])) if i < steps else 1.0
+        log_score = forward(x, torch.full((B,), float(grid[i]), device=args.device)).double()
+        log_score = log_score - math.log((1 - a_t) / a_t) - math.log(K - 1)   # - log(e^sigma - 1) - log(K - 1)
+        log_score.scatter_(-1, x[..., None], 0.0)
+        score = log_score.exp()
+        c = (a_s - a_t) / (1 - a_t)
+        probs = c * score
+        probs[..., mask_id] = 1 - c * (score.sum(-1) - score[..., mask_id])
+        keep = torch.nn.functional.one_hot(x, K).double()
+        masked = (x == mask_id)[..., None]
+        probs = torch.where(masked, probs, keep).clamp_(min=0)
+        x = naive_categorical(probs, generator)
     return x
 
 
@@ -187,7 +229,7 @@ def measure(kind, algo, model, args, steps):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument('--algos', nargs='+', default=list(ALGOS), choices=ALGOS)
+    parser.add_argument('--algos', nargs='+', default=list(DEFAULT_ALGOS), choices=ALGOS)
     parser.add_argument('--steps', nargs='+', type=int, default=[32, 128],
                         help='diffusion steps (AR always runs length - 1 forwards, once)')
     parser.add_argument('--hidden', type=int, default=256)
@@ -226,8 +268,8 @@ def main(argv=None):
         # AR's warm-up is a whole (short) sequence; a diffusion one is one full-size step (it also
         # maps the logits buffer, whose first use otherwise slows the first timed run)
         warm = argparse.Namespace(**{**vars(args), 'length': min(args.length, 8)}) if algo == 'ar' else args
-        repeated = ('ours',) if algo == 'ar' or args.no_psi else ('ours', 'psi')
-        kinds = repeated if args.no_naive else (*repeated, 'naive')
+        repeated = ('ours', 'psi') if algo in PSI_ALGOS and not args.no_psi else ('ours',)
+        kinds = repeated if args.no_naive or algo not in NAIVE else (*repeated, 'naive')
         for kind in kinds:  # first calls allocate and spin up thread pools: not timed
             measure(kind, algo, model, warm, 1)
         for steps in ([args.length - 1] if algo == 'ar' else args.steps):
@@ -235,7 +277,7 @@ def main(argv=None):
             for _ in range(max(args.repeats, 1)):
                 for kind in repeated:
                     runs[kind].append(measure(kind, algo, model, args, steps))
-            if not args.no_naive:
+            if 'naive' in kinds:
                 runs['naive'].append(measure('naive', algo, model, args, steps))
             results = [sorted(runs[kind], key=lambda r: r['total_s'])[(len(runs[kind]) - 1) // 2] for kind in kinds]
             by_kind = dict(zip(kinds, results))

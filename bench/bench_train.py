@@ -19,6 +19,7 @@ first step. Both include what the first step creates for good (gradients, AdamW 
 """
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -32,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # duo: the curriculum with the full relaxed input (algo.curriculum.mode=simple); duo-topk: algo=duo with the
 # Duo++ top-k input and the fitted operator (algo.curriculum.mode=poly9, algo.curriculum.top_k=--top-k).
-ALGOS = ('ar', 'mdlm', 'duo_base', 'duo', 'duo-topk', 'distillation')
+ALGOS = ('ar', 'mdlm', 'sedd', 'd3pm', 'duo_base', 'duo', 'duo-topk', 'distillation')
 DEFAULT_ALGOS = ('ar', 'mdlm', 'duo_base', 'duo', 'duo-topk')
 NO_REFERENCE = ('duo-topk',)  # upstream's top-k code has the bugs of SPEC-2 §14: no reference written from it
 IMPLS = ('ours', 'reference')
@@ -149,6 +150,10 @@ class Reference:
             log_p[unmasked] = self.NEG                   # SUBS: unmasked positions copy their input
             log_p[unmasked, xt[unmasked]] = 0
             return dalpha / (1 - alpha) * log_p.gather(-1, x0[..., None])[..., 0], mask
+        if name == 'sedd':
+            return self._sedd(x0, mask, t), mask
+        if name == 'd3pm':
+            return self._d3pm(x0, mask, t), mask
         if name == 'distillation':
             return self._distillation(x0, mask, t, step, first)
         if name == 'duo' and algo.in_curriculum(step):
@@ -164,6 +169,42 @@ class Reference:
             xt = algo.corrupt(x0, alpha)
             logits = module.backbone(xt, algo.sigma(alpha), attention_mask=mask)
         return self.duo_loss(logits.log_softmax(-1), x0, xt, alpha, dalpha), mask
+
+    def _sedd(self, x0, mask, t):
+        """Upstream's SEDDAbsorb: the (B, L, K) log score, then pos - neg + const at masked positions."""
+        torch, algo, module, K = self.torch, self.algo, self.module, self.K
+        alpha, dalpha = algo.schedule.alpha(t)[:, None], algo.schedule.dalpha(t)[:, None]
+        xt = torch.where(torch.rand(x0.shape, device=x0.device) < 1 - alpha, module.mask_id, x0)
+        sigma = algo.sigma(alpha)
+        logits = module.backbone(xt, sigma, attention_mask=mask)
+        esigm1_log = torch.where(sigma < 0.5, torch.expm1(sigma), sigma.exp() - 1).log().to(logits.dtype)
+        log_score = logits - esigm1_log[:, None, None] - math.log(K - 1)
+        log_score = torch.scatter(log_score, -1, xt[..., None], torch.zeros_like(log_score[..., :1]))
+        masked = xt == module.mask_id
+        q_ratio = 1 / torch.expm1(sigma)[:, None].expand_as(xt)[masked]
+        neg = q_ratio * log_score[masked].gather(-1, x0[masked][:, None])[:, 0]
+        score = log_score[masked].exp()
+        pos = score[:, :module.mask_id].sum(-1) + score[:, module.mask_id + 1:].sum(-1)
+        entropy = torch.zeros(xt.shape, device=xt.device, dtype=pos.dtype)
+        entropy[masked] += pos - neg + q_ratio * (q_ratio.log() - 1)
+        return -dalpha / alpha * entropy
+
+    def _d3pm(self, x0, mask, i):
+        """D3PM as upstream computes it ((B, L, K) log-softmax of both passes), with the right alpha_s."""
+        import noise_schedule
+        torch, algo, module = self.torch, self.algo, self.module
+        alpha_t, alpha_s = (a[:, None] for a in noise_schedule.discrete_alphas(algo.schedule, i, algo.T))
+        xt = torch.where(torch.rand(x0.shape, device=x0.device) < 1 - alpha_t, module.mask_id, x0)
+        log_x = module.backbone(xt, algo.sigma(alpha_t).float(), attention_mask=mask).log_softmax(-1)
+        log_x_m = log_x.gather(-1, x0[..., None])[..., 0]
+        x_mask = log_x[..., module.mask_id].exp()
+        final = alpha_s == 1
+        a, b = (alpha_s - alpha_t) / (1 - alpha_t), (1 - alpha_s) / (1 - alpha_t)
+        rho_t, rho_s = alpha_t / (1 - alpha_t), alpha_s / torch.where(final, 1.0, 1 - alpha_s)
+        kl = (a * (torch.log1p(rho_t * x_mask) - log_x_m)
+              + torch.where(final, 0.0, b * (torch.log1p(rho_t * x_mask) - torch.log1p(rho_s * x_mask))))
+        clean = module.backbone(x0, torch.zeros(x0.shape[0], device=x0.device), attention_mask=mask).log_softmax(-1)
+        return -clean.gather(-1, x0[..., None])[..., 0] + algo.T * kl * (xt == module.mask_id)
 
     def noise(self, shape, first):
         """eps ~ N(0, I) of shape (B, L, K): at the first step the numbers ours draws (their losses are
@@ -311,11 +352,12 @@ def largest_batch(spec, step_memory):
 def step_flops(spec, backbone):
     """Model FLOPs of one training step: 6 per weight and token for the matmuls (forward + two
     backward products), attention scores and values likewise, the relaxed-input embedding
-    (forward + weight gradient) and, for distillation, the teacher's forward."""
+    (forward + weight gradient), for distillation the teacher's forward and for d3pm its second
+    (clean-sequence) pass."""
     d, n, L, B, K = spec['hidden'], spec['blocks'], spec['length'], spec['batch'], spec['vocab']
     per_token_weights = n * 12 * d * d + d * K        # qkv 3d², out d², mlp 8d²; output layer d·K
     attn = n * 2 * 2 * L * d * (0.5 if spec['algo'] == 'ar' else 1.0)   # q·k and p·v per token
-    flops = B * L * (6 * per_token_weights + 3 * attn)
+    flops = B * L * (6 * per_token_weights + 3 * attn) * (2 if spec['algo'] == 'd3pm' else 1)  # its clean pass
     if spec['algo'] == 'duo':
         flops += B * L * 4 * K * d
     if spec['algo'] == 'duo-topk':

@@ -1,11 +1,12 @@
-# Sourced by the scripts that evaluate or sample a checkpoint (not run on its own): picks CKPT (the
-# first argument when it is not a Hydra override, else the newest last.ckpt under OUTPUT_DIR) and
-# RUN_DIR (the checkpoint's run directory, or $OUTPUT_DIR/eval when that is read-only), and consumes
-# the checkpoint argument from "$@". The checkpoint itself says how to rebuild its model (algorithm,
-# sizes, tokenizer, the data it was trained on): no overrides are needed for it.
-source scripts/env.sh
-CKPT=""
-if [[ $# -gt 0 && "$1" != *=* ]]; then CKPT="$1"; shift; fi
+# Sourced by eval_owt_kaggle.sh and gen_owt_kaggle.sh (not run on its own): picks CKPT (the first
+# argument when it is not a Hydra override, else the newest last.ckpt under OUTPUT_DIR), RUN_DIR
+# (the checkpoint's run directory, or $OUTPUT_DIR/eval when that is read-only), and consumes the checkpoint argument from "$@". The checkpoint itself
+# says how to rebuild its model (algorithm, sizes, tokenizer, the data it was trained on): no
+# overrides are needed for it.
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+export OWT_SUBSET_NUM="${OWT_SUBSET_NUM:-11000}"
+checkpoint_arg "$@"
+set -- "${ARGS[@]}"
 if [[ -z "$CKPT" ]]; then
   CKPT=$(find "$OUTPUT_DIR" -path '*/checkpoints/last.ckpt' -printf '%T@ %p\n' 2>/dev/null | sort -n | tail -1 | cut -d' ' -f2-)
 fi

@@ -9,8 +9,7 @@
 # and data; overrides given here win (e.g. data=wikitext103 to evaluate zero-shot).
 # Writes ppl_eval.json into the run directory (or $OUTPUT_DIR/eval when that is read-only).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-source scripts/checkpoint_args.sh
+source "$(dirname "$0")/checkpoint_args.sh"
 args=(mode=ppl_eval "eval.checkpoint_path='$CKPT'" "hydra.run.dir='$RUN_DIR'" "$@")
 echo "+ OWT_SUBSET_NUM=$OWT_SUBSET_NUM $PY main.py ${args[*]}"
 exec "$PY" main.py "${args[@]}"

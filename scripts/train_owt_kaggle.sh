@@ -13,8 +13,8 @@
 # Without internet: data.data_files=/kaggle/input/<dataset>/*.parquet. On a CPU, precision 16
 # falls back to 32 (main.py says so).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-source scripts/env.sh
+source "$(dirname "$0")/env.sh"
+export OWT_SUBSET_NUM="${OWT_SUBSET_NUM:-11000}"
 ALGO="${ALGO:-duo_base}" MODEL="${MODEL:-small}" LENGTH="${LENGTH:-512}"
 RUN_DIR="${RUN_DIR:-$OUTPUT_DIR/owt$OWT_SUBSET_NUM-$ALGO-$MODEL-L$LENGTH}"
 args=(mode=train data=openwebtext-split "algo=$ALGO" "model=$MODEL" "model.length=$LENGTH"

@@ -18,13 +18,13 @@ def run_bench(script, *args):
 
 @pytest.mark.slow
 def test_bench_train_measures_ours_and_a_reference_that_computes_the_same_loss(tmp_path):
-    run_bench('bench_train.py', '--algos', 'duo_base', 'duo', 'duo-topk', *TINY_DIT, '--batch', '2', '--length', '16',
+    algos = ('duo_base', 'duo', 'duo-topk', 'sedd', 'd3pm')  # d3pm's reference: upstream's materialising form with the right alpha_s
+    run_bench('bench_train.py', '--algos', *algos, *TINY_DIT, '--batch', '2', '--length', '16',
               '--steps', '1', '--repeats', '1', '--out', str(tmp_path))
     record = json.loads(next(tmp_path.glob('train-*.json')).read_text())
     rows = {(r['algo'], r['impl']): r for r in record['results']}
     # the top-k curriculum has no upstream-style reference (upstream's top-k code is wrong, SPEC-2 §14)
-    assert set(rows) == {('duo_base', 'ours'), ('duo_base', 'reference'), ('duo', 'ours'), ('duo', 'reference'),
-                         ('duo-topk', 'ours')}
+    assert set(rows) == {(a, impl) for a in algos for impl in ('ours', 'reference')} - {('duo-topk', 'reference')}
     for (algo, impl), row in rows.items():
         assert row['tokens_per_s'] > 0 and row['peak_rise_bytes'] > 0, (algo, impl)
         if impl == 'ours' and algo != 'duo-topk':  # same seed, batch and Gaussian latent at the first step: the same loss
@@ -35,11 +35,13 @@ def test_bench_train_measures_ours_and_a_reference_that_computes_the_same_loss(t
 
 
 def test_bench_sampling_reports_throughput_and_overhead_per_algorithm(tmp_path):
-    run_bench('bench_sampling.py', *TINY_DIT, '--length', '16', '--batch', '2', '--steps', '4', '--out', str(tmp_path))
+    run_bench('bench_sampling.py', *TINY_DIT, '--length', '16', '--batch', '2', '--steps', '4', '--out', str(tmp_path),
+              '--algos', 'ar', 'mdlm', 'mdlm_uncached', 'sedd', 'd3pm', 'duo_base')
     record = json.loads(next(tmp_path.glob('sampling-*.json')).read_text())
     rows = {(r['algo'], r['sampler'], r['steps']) for r in record['results']}
     assert rows == {('ar', s, 15) for s in ('ours', 'naive')} | {
-        (a, s, 4) for a in ('mdlm', 'duo_base') for s in ('ours', 'psi', 'naive')}
+        (a, s, 4) for a in ('mdlm', 'duo_base') for s in ('ours', 'psi', 'naive')} | {
+        ('sedd', s, 4) for s in ('ours', 'naive')} | {(a, 'ours', 4) for a in ('mdlm_uncached', 'd3pm')}
     for row in record['results']:
         assert row['tokens_per_s'] > 0 and 0 <= row['outside_share'] < 1
         assert ('vs_ancestral' in row) == (row['sampler'] == 'psi')

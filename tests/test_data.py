@@ -274,6 +274,35 @@ def test_data_files_mapping(tmp_path, gpt2):
         dataloader.document_sources(make_config('data=openwebtext', f"data.data_files={{tran:'{a}'}}").data)
 
 
+def test_data_files_may_name_validation_files_only_for_evaluation(tmp_path):
+    v = write_jsonl(tmp_path / 'v.jsonl', sentences(5), field='sentence')  # ptb's field
+    config = make_config('data=ptb', f"data.data_files={{validation:'{v}'}}", cache_dir=tmp_path)
+    assert docs_of(dataloader.document_sources(config.data, ('validation',))['validation']) == sentences(5)
+    with pytest.raises(errors.DataError, match=r'^data\.data_files names validation files only: training'):
+        dataloader.document_sources(config.data)
+
+
+def test_eval_datasets_build_each_set_like_data_equals_name(tmp_path):
+    """eval.datasets: each set's own config (detokenizer, EOS setting) over the shared defaults, the
+    command line's data.* keys for every set, an entry's keys above them, the model's tokenizer."""
+    config = make_config('data=openwebtext-split', 'data.tokenizer_name_or_path=text8', 'data.wrap=false',
+                         "eval.datasets=[ptb,{name:lm1b,wrap:true,valid_docs:7},wikitext2]", cache_dir=tmp_path)
+    # the tokenizer as configure_from sets it from a checkpoint (not on the command line)
+    sets = dataloader.eval_data_configs(config, explicit={'data.wrap', 'data'})
+    assert list(sets) == ['ptb', 'lm1b', 'wikitext2']
+    ptb, lm1b, wiki = sets.values()
+    assert (ptb.detokenizer, ptb.text_field, ptb.insert_valid_eos, ptb.wrap) == ('ptb', 'sentence', False, False)
+    assert (lm1b.wrap, lm1b.valid_docs, lm1b.valid_split) == (True, 7, 'test')   # the entry wins
+    assert {s.tokenizer_name_or_path for s in sets.values()} == {'text8'}      # lm1b.yaml says BERT
+    assert wiki.cache_dir == str(tmp_path) and wiki.hub_path == 'Salesforce/wikitext'
+    for entries, message in (('[ptb,ptb]', 'eval.datasets names ptb twice'),
+                             ('[{name:ptb,files:x}]', r'eval.datasets: files \(in the entry of ptb\) is not a data'),
+                             ('[{wrap:true}]', 'eval.datasets: None is not a data config'),
+                             ('[]', r'eval.datasets=\[\] must be a non-empty list')):
+        with pytest.raises(errors.DataError, match=message):
+            dataloader.eval_data_configs(make_config(f'eval.datasets={entries}'))
+
+
 def test_missing_files_and_fields_are_one_line_errors(tmp_path):
     with pytest.raises(errors.DataError, match=r'data\.data_files=.*matches no files'):
         docs_of(dataloader.document_sources(make_config('data=openwebtext-split', f'data.data_files={tmp_path}/none*.jsonl',

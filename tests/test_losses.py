@@ -852,6 +852,22 @@ def test_d3pm_loss_is_finite_with_huge_logits_on_unmasked_rows():
     assert torch.isfinite(loss).all() and torch.isfinite(grad).all() and (grad[:, [0, 2]] == 0).all()
 
 
+def test_d3pm_loss_keeps_float32_precision_at_T_1000():
+    """The b term's two logs differ by O(1/T): float32 logits must still give the float64 value to a
+    few float32 ulps of the loss (a naive difference of the logs, times T, loses about 3 digits)."""
+    g = torch.Generator().manual_seed(0)
+    T, K, mask_id = 1000, 50, 49
+    logits = torch.randn(64, 16, K, generator=g) * 3
+    logits[..., mask_id] += 5  # x̂_mask large: the b term dominates
+    x0 = torch.randint(0, K - 1, (64, 16), generator=g)
+    xt = torch.full_like(x0, mask_id)
+    i = torch.randint(2, T + 1, (64,), generator=g).double()
+    alpha_t, alpha_s = (1 - (1 - 1e-3) * i / T)[:, None], (1 - (1 - 1e-3) * (i - 1) / T)[:, None]
+    low = losses.d3pm_loss(logits, x0, xt, alpha_t, alpha_s, T, mask_id).double()
+    high = losses.d3pm_loss(logits.double(), x0, xt, alpha_t, alpha_s, T, mask_id)
+    assert ((low - high).abs() / high.abs()).max() < 3e-6
+
+
 # ---------------------------------------------------------------------------------------------
 # Gradients of the fused SEDD / D3PM losses against autograd through dense float64 references
 def dense_d3pm_kl(logits, x0, xt, alpha_t, alpha_s, T, mask_id):

@@ -394,12 +394,20 @@ def bad_input_cases(d: Path, corpus_dir: Path):
         ('sigmoid curriculum mode', [*train, 'algo=duo', 'algo.curriculum.mode=sigmoid'], {}),
         ('fitted curriculum operator invalid on the gamma range', [*train, 'algo=duo', 'algo.curriculum.mode=poly9',
                                                                    'algo.gamma_min=-5', 'algo.gamma_max=5'], {}),
+        ('sedd with greedy noise removal', [*sample, f'eval.checkpoint_path={d}/good.ckpt', 'algo=sedd',
+                                            'sampling.noise_removal=greedy'], {}),
+        ('sedd with the cached predictor', [*sample, f'eval.checkpoint_path={d}/good.ckpt', 'algo=sedd',
+                                            'sampling.predictor=ancestral_cache'], {}),
+        ('d3pm with T < 1', [*sample, f'eval.checkpoint_path={d}/good.ckpt', 'algo=d3pm', 'algo.T=0'], {}),
+        ('unknown set in eval.datasets', ['mode=ppl_eval', *data_overrides(corpus_dir), *tiny,
+                                          f'eval.checkpoint_path={d}/good.ckpt', 'eval.datasets=[ptb,ptbb]', *run], {}),
     ]
 
 
 # The exact message of each case ({d}: the fixture's directory); docs/ERRORS.md lists them.
 MESSAGES = {
-    'unknown algo': 'algo=mdml is unknown: use one of ar, distillation, duo, duo_base, mdlm (e.g. algo=duo_base)',
+    'unknown algo': 'algo=mdml is unknown: use one of ar, d3pm, distillation, duo, duo_base, mdlm, sedd '
+                    '(e.g. algo=duo_base)',
     'unknown data': 'data=owt is unknown: use one of ag_news, fineweb-edu, lambada, lm1b, lm1b-wrap, local, openwebtext, '
                     'openwebtext-split, openwebtext-streaming, ptb, scientific_papers_arxiv, scientific_papers_pubmed, '
                     'stdlib, text8, text8-crop, wikitext103, wikitext2 (e.g. data=openwebtext-split)',
@@ -481,6 +489,17 @@ MESSAGES = {
                                                              'operator with the top-k input '
                                                              '(algo.curriculum.mode=efficient_cached) or narrow the '
                                                              'gamma range',
+    'sedd with greedy noise removal': 'sampling.noise_removal=greedy does not apply to algo=sedd: use ancestral or '
+                                      'none (e.g. sampling.noise_removal=ancestral)',
+    'sedd with the cached predictor': 'sampling.predictor=ancestral_cache does not apply to algo=sedd (its unmask '
+                                      'probabilities need the network at every step: nothing to cache): use '
+                                      'analytic (e.g. sampling.predictor=analytic)',
+    'd3pm with T < 1': 'algo.T=0 must be an integer >= 1 for algo=d3pm (e.g. algo.T=1000)',
+    'unknown set in eval.datasets': 'eval.datasets: ptbb is not a data config (configs/data/<name>.yaml); use names '
+                                    'among ag_news, fineweb-edu, lambada, lm1b, lm1b-wrap, local, openwebtext, '
+                                    'openwebtext-split, openwebtext-streaming, ptb, scientific_papers_arxiv, '
+                                    'scientific_papers_pubmed, stdlib, text8, text8-crop, wikitext103, wikitext2 or '
+                                    '{{name: <config>, <data key>: value}} (e.g. eval.datasets=[wikitext2,ptb])',
 }
 
 

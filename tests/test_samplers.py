@@ -11,6 +11,7 @@ the token's posterior given the other noisy tokens. That is the minimiser of the
 below), i.e. what a trained DUO model predicts; plugging in E[x0 | z_t] itself is biased (also
 checked). Absorbing: the exact denoiser is E[x0 | z_t].
 """
+import functools
 import itertools
 import math
 
@@ -509,6 +510,16 @@ def test_sedd_step_with_normalised_scores_is_the_absorbing_posterior(alpha_t, al
     assert counts[1, 4] == counts[1].sum()
 
 
+@pytest.mark.parametrize('shift', [-7.0, 3.0])
+def test_sedd_step_normalised_is_the_absorbing_posterior_for_any_shift(shift):
+    """normalised=True (MDLM's score, SPEC-2 §11 pitfalls): the logits of x̂ up to a per-row shift,
+    S taken as 1: chi-square against the §6 absorbing posterior."""
+    xhat = torch.tensor([0.1, 0.35, 0.0, 0.05, 0.3, 0.2], dtype=torch.float64)
+    logits = (sedd_logits(xhat) + shift)[None]
+    counts = step_counts(samplers.sedd_step, logits, torch.tensor([MASK_S]), 40_000, 0.2, 0.5, normalised=True)
+    assert chi_square_pvalue(counts[0], absorbing_posterior(xhat, 0.2, 0.5, MASK_S)) > 1e-3
+
+
 @pytest.mark.parametrize('scale', [0.3, 4.0])
 def test_sedd_step_unmasks_at_rate_min_1_cS(scale):
     """SPEC-2 §11 check (4), S != 1: unmask rate min(1, c S), the token drawn ∝ u."""
@@ -590,6 +601,65 @@ def test_d3pm_last_step_draws_xhat_without_the_mask_and_keeps_unmasked_tokens():
     restricted[MASK_S] = 0
     assert chi_square_pvalue(counts[0], restricted / restricted.sum()) > 1e-3
     assert counts[1, 3] == counts[1].sum()
+# ------------------------------------------------------------------------- the SEDD / D3PM samplers
+
+def exact_score_logits(seqs, p, shift):
+    """logits_fn whose masked rows are log E[x0 | z_t] + shift: the exact SEDD score network for
+    shift = log(K - 1) (u = x̂, S = 1), an exact x̂ (any shift) for MDLM and D3PM (x̂_mask = 0)."""
+    states = torch.tensor(list(itertools.product(range(K), repeat=seqs.shape[1])))  # every z_t
+
+    def logits_fn(z, t):  # t is the same for the whole batch: look the rows up in a table of all z_t
+        table = posterior(states, t[:1].expand(len(states)), seqs, p, 'absorbing').log() + shift
+        return table[(z * K ** torch.arange(z.shape[1] - 1, -1, -1)).sum(1)]
+    return logits_fn
+
+
+@pytest.mark.parametrize('name,step,shift', [
+    ('sedd', samplers.sedd_step, math.log(K - 1)),
+    ('mdlm analytic', functools.partial(samplers.sedd_step, normalised=True), 2.5),
+    ('d3pm', samplers.d3pm_step, -1.0)])
+def test_sample_diffusion_with_a_step_recovers_the_joint(name, step, shift):
+    """sample_diffusion(step=...) with the exact denoiser draws from p (chi-square, TV ~ 0.37 / steps)."""
+    seqs, p = data_distribution(2)
+    out = samplers.sample_diffusion(exact_score_logits(seqs, p, shift), 10_000, 2, K, linear_alpha, 100,
+                                    kind='absorbing', mask_id=MASK, step=step,
+                                    generator=torch.Generator().manual_seed(4))
+    counts, probs = histogram(out, 2), target(seqs, p, 2)
+    assert 0.5 * (counts / counts.sum() - probs).abs().sum() < 0.02
+    assert chi_square_pvalue(counts, probs) > 1e-3
+
+
+def test_sample_diffusion_with_a_step_never_changes_unmasked_tokens():
+    """Every call sees the previous call's tokens, unmasked ones unchanged; 'none' can leave masks and
+    'ancestral' never does; a step without masks left makes no network call."""
+    g = torch.Generator().manual_seed(0)
+    for removal in ('none', 'ancestral'):
+        seen = []
+
+        def logits_fn(z, t):
+            seen.append(z.clone())
+            return torch.randn(*z.shape, K, generator=g)
+        out = samplers.sample_diffusion(logits_fn, 64, 6, K, linear_alpha, 5, kind='absorbing', mask_id=MASK,
+                                        noise_removal=removal, step=samplers.sedd_step, t_min=0.5, generator=g)
+        for before, after in zip(seen, seen[1:] + [out]):
+            kept = before != MASK
+            assert torch.equal(after[kept], before[kept])
+        assert (out == MASK).any() if removal == 'none' else (out != MASK).all()
+    calls = []
+    out = samplers.sample_diffusion(lambda z, t: calls.append(1) or torch.full((*z.shape, K), 20.0), 4, 3, K,
+                                    linear_alpha, 50, kind='absorbing', mask_id=MASK, step=samplers.sedd_step)
+    assert len(calls) == 1 and (out != MASK).all()  # c S >= 1: everything unmasks at the first step
+
+
+def test_a_step_is_refused_with_kappas_or_uniform_state():
+    with pytest.raises(ValueError, match='step= replaces the ancestral step'):
+        samplers.sample_diffusion(lambda z, t: torch.zeros(*z.shape, K), 2, 2, K, linear_alpha, 2, kind='uniform',
+                                  step=samplers.sedd_step)
+    with pytest.raises(ValueError, match='step= replaces the ancestral step'):
+        samplers.sample_diffusion(lambda z, t: torch.zeros(*z.shape, K), 2, 2, K, linear_alpha, 2, kind='absorbing',
+                                  mask_id=MASK, kappas=torch.ones(3, dtype=torch.float64), step=samplers.sedd_step)
+
+
 # ------------------------------------------------------------------------- Ψ-samplers (SPEC-2 §13)
 
 def psi_sigma(name, eta, a_t, a_s, compat=False):
