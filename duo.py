@@ -88,7 +88,7 @@ class Samples:
         if self.templates is not None:
             out['prompts'] = [t.text for t in self.templates]
             out['continuations'] = self.continuations()
-            if any(None in t.ids for t in self.templates):
+            if not all(t.is_prefix for t in self.templates):
                 out['infills'] = self.infills()
             out['fixed_spans'] = [spans(held) for held in self.fixed]
         return out
