@@ -80,8 +80,9 @@ class Algorithm:
     def load_extras(self, module, checkpoint: dict):
         """Restore what save_extras stored."""
 
-    def sample(self, module, batch_size, length, generator=None, progress=False):
-        """Samples (batch_size, length) int64 with the module's current weights."""
+    def sample(self, module, batch_size, length, generator=None, progress=False, fixed=None):
+        """Samples (batch_size, length) int64 with the module's current weights; fixed = (mask (B, L)
+        bool, tokens (B, L)): positions held at those tokens (prompts, infilling; SPEC-2 §15)."""
         raise NotImplementedError
 
 
@@ -95,7 +96,8 @@ class AR(Algorithm):
         nll = losses.ar_nll(logits, x0, excluded_id=self.mask_id, reuse_logits=True)
         return nll, attention_mask[:, 1:]
 
-    def sample(self, module, batch_size, length, generator=None, progress=False):
+    def sample(self, module, batch_size, length, generator=None, progress=False, fixed=None):
+        """fixed must be a prompt (a prefix per row): it goes through the KV cache, then the rest is drawn."""
         sampling = self.config.sampling
         cache = module.backbone.init_kv_cache(batch_size, length, module.device, module.compute_dtype)
 
@@ -107,7 +109,7 @@ class AR(Algorithm):
         return samplers.sample_ar(step, batch_size, length, bos_id=module.bos_id,
                                   p_nucleus=sampling.p_nucleus, top_k=sampling.top_k,
                                   use_float64=sampling.use_float64, generator=generator,
-                                  device=module.device, progress=progress)
+                                  device=module.device, progress=progress, fixed=fixed)
 
 
 class _Diffusion(Algorithm):
@@ -166,7 +168,7 @@ class _Diffusion(Algorithm):
         """Denoiser logits x_θ(z_t) (B, L, K) in the compute dtype, for the sampler; t (B,) float32."""
         return module.backbone(xt, self.sigma(self.schedule.alpha(t)), out=out)
 
-    def sample(self, module, batch_size, length, generator=None, progress=False):
+    def sample(self, module, batch_size, length, generator=None, progress=False, fixed=None):
         sampling = self.config.sampling
         # On the CPU every step writes its logits into one buffer: a fresh (B, L, K) block per step
         # is mapped, page-faulted in and unmapped again by glibc (blocks over 32 MB get their own
@@ -183,7 +185,7 @@ class _Diffusion(Algorithm):
             self.schedule.alpha, sampling.steps, kind=self.kind, mask_id=self.mask_id,
             noise_removal=sampling.noise_removal, p_nucleus=sampling.p_nucleus,
             use_float64=sampling.use_float64, generator=generator, device=module.device, progress=progress,
-            **self.sampler_arguments(sampling))
+            fixed=fixed, **self.sampler_arguments(sampling))
 
 
 class _Absorbing(_Diffusion):

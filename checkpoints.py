@@ -320,6 +320,15 @@ def load_model(config, tokenizer, source: Source | None = None, explicit=frozens
     return model
 
 
+def load_for_eval(config, explicit=frozenset()):
+    """(tokenizer, model) of eval.checkpoint_path for ppl_eval, sample_eval and the Python API (duo.py):
+    the checkpoint's own settings put into config (configure_from), then its weights loaded."""
+    source = read_source(str(config.eval.checkpoint_path))
+    configure_from(config, source, explicit)
+    tokenizer = dataloader.get_tokenizer(config)
+    return tokenizer, load_model(config, tokenizer, source)
+
+
 def start_from(model: Diffusion, source: Source, setting: str = 'training.finetune_path'):
     """Start training (not a resume) from trained weights, e.g. to distil a DUO model: the EMA
     weights of the checkpoint when it has them, else its weights. The backbone and its EMA both

@@ -233,10 +233,11 @@ class Diffusion(L.LightningModule):
 
     # ---- sampling ------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, batch_size, length=None, generator=None, progress=False):
-        """Samples (batch_size, length) int64 from the model (EMA weights are the caller's choice)."""
+    def generate(self, batch_size, length=None, generator=None, progress=False, fixed=None):
+        """Samples (batch_size, length) int64 from the model (EMA weights are the caller's choice);
+        fixed = (mask (B, L) bool, tokens (B, L)): positions held at those tokens (prompts, infilling)."""
         return self.algo.sample(self, batch_size, length or self.config.model.length,
-                                generator=generator, progress=progress)
+                                generator=generator, progress=progress, fixed=fixed)
 
 
 class StepRunner:

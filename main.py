@@ -25,7 +25,9 @@ from omegaconf import DictConfig, open_dict
 import callbacks
 import checkpoints
 import cli
+import conditioning
 import dataloader
+import duo
 import metrics
 import runtime
 import settings
@@ -43,10 +45,7 @@ def build_model(config, tokenizer) -> Diffusion:
 
 def load_for_eval(config):
     """(tokenizer, model) of eval.checkpoint_path, configured from the checkpoint itself."""
-    source = checkpoints.read_source(str(config.eval.checkpoint_path))
-    checkpoints.configure_from(config, source, settings.explicit_keys(cli.explicit_overrides()))
-    tokenizer = dataloader.get_tokenizer(config)
-    return tokenizer, checkpoints.load_model(config, tokenizer, source)
+    return checkpoints.load_for_eval(config, settings.explicit_keys(cli.explicit_overrides()))
 
 
 def read_finetune(config) -> checkpoints.Source:
@@ -209,25 +208,32 @@ def ppl_eval(config, run_dir: Path):
 
 
 def sample_eval(config, run_dir: Path):
-    tokenizer, model = load_for_eval(config)
-    device = torch.device('cuda' if config.trainer.accelerator == 'gpu' else 'cpu')
+    """Samples (unconditional, or continuing sampling.prompt / sampling.prompts_file) through the
+    Python API's Model.sample, their entropy and generative perplexity -> samples.json."""
+    tokenizer, module = load_for_eval(config)
+    model = duo.Model(config, tokenizer, module)
+    batch = int(config.loader.eval_batch_size)
+    rows = batch * int(config.sampling.num_sample_batches)
+    templates = conditioning.from_settings(config.sampling, tokenizer)
+    if templates is not None and len(templates) > rows:
+        raise ConfigError(f"sampling.prompts_file={config.sampling.prompts_file} holds {len(templates)} prompts but "
+                          f"loader.eval_batch_size={batch} x sampling.num_sample_batches="
+                          f"{config.sampling.num_sample_batches} draws {rows} rows: draw at least one row per "
+                          f"prompt (e.g. sampling.num_sample_batches={-(-len(templates) // batch)})")
+    fixed = model.canvas(templates, rows)  # a template that cannot be sampled fails here, before any file
+    model.width()
     cli.begin_run(config, run_dir)
-    model.to(device).eval()
     torch.manual_seed(config.seed)
-    batch, length = int(config.loader.eval_batch_size), int(config.model.length)
-    block = runtime.sequences_per_block(device.type, length, model.vocab_size)  # bounded logits per forward
-    parts = []
-    for i in range(int(config.sampling.num_sample_batches)):
-        for start in range(0, batch, block):
-            parts.append(model.generate(min(block, batch - start), progress=True).cpu())
-        log.info('Sampled batch %d/%d', i + 1, config.sampling.num_sample_batches)
-    samples = torch.cat(parts)
-    texts = tokenizer.batch_decode(samples.tolist(), skip_special_tokens=False)
+    samples = model.sample(rows, templates, fixed=fixed, batch_size=batch, progress=True)
+    record = samples.record()
+    texts = record['generated_seqs']
     path = config.eval.generated_samples_path
-    result = {'generative_ppl': None, 'entropy': metrics.sample_entropy(samples), 'algo': config.algo.name,
-              'steps': int(config.sampling.steps), 'checkpoint': str(config.eval.checkpoint_path),
-              'tokenizer': str(config.data.tokenizer_name_or_path), 'generated_seqs': texts,
-              'token_ids': samples.tolist()}
+    # Prompted samples: entropy and generative perplexity describe the generated tokens only.
+    scored = 'sample' if templates is None else 'continuation'
+    result = {'generative_ppl': None, 'entropy': metrics.sample_entropy(samples.generated_ids()), 'scored': scored,
+              'algo': config.algo.name, 'steps': int(config.sampling.steps),
+              'checkpoint': str(config.eval.checkpoint_path), 'tokenizer': str(config.data.tokenizer_name_or_path),
+              **record}
     write_json(path, result)  # before the judge loads: the samples are never lost
     for text in texts[:3]:
         print('-' * 80 + '\n' + text)
@@ -235,18 +241,23 @@ def sample_eval(config, run_dir: Path):
     if config.eval.compute_generative_perplexity:
         judge_name = str(config.eval.gen_ppl_eval_model_name_or_path)
         try:
-            judge = metrics.GenerativePerplexity(judge_name, device=device,
+            judge = metrics.GenerativePerplexity(judge_name, device=model.device,
                                                  batch_size=int(config.eval.perplexity_batch_size), tokenizer=tokenizer)
         except ValueError as e:
             log.warning('No generative perplexity: %s. The samples are saved; judge them later with: '
                         'python metrics.py %s --judge <a local judge directory or AR checkpoint>', e, path)
         else:
-            result['generative_ppl'] = judge.compute(texts, eos_token=tokenizer.eos_token, token_ids=samples.tolist())
+            result['generative_ppl'] = judge.compute(texts, eos_token=tokenizer.eos_token, token_ids=samples.token_ids,
+                                                     generated=samples.generated())
             result['judge'] = judge_name
             write_json(path, result)
-    print(json.dumps({k: v for k, v in result.items() if k not in ('generated_seqs', 'token_ids')}, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k in SUMMARY}, indent=2))
     log.info('Wrote %d samples to %s', len(texts), path)
     return result
+
+
+# What sample_eval prints of samples.json (the per-row fields are in the file).
+SUMMARY = ('generative_ppl', 'entropy', 'scored', 'algo', 'steps', 'checkpoint', 'tokenizer', 'judge')
 
 
 MODES = {'train': train, 'ppl_eval': ppl_eval, 'sample_eval': sample_eval}

@@ -14,12 +14,21 @@ import torch
 import checkpoints
 
 
-def sample_entropy(samples: torch.Tensor) -> float:
-    """Mean over samples (N, L) of the entropy (nats) of each sample's token-id histogram (SPEC §7)."""
-    if samples.dim() != 2 or samples.shape[1] == 0:
-        raise ValueError(f"samples must be (N, L) token ids with L >= 1, got shape {tuple(samples.shape)}")
+def sample_entropy(samples) -> float:
+    """Mean over samples (N, L) of the entropy (nats) of each sample's token-id histogram (SPEC §7).
+
+    samples may also be a list of rows of different lengths (the generated tokens of prompted or
+    variable-length samples); empty rows are left out."""
+    if isinstance(samples, torch.Tensor):
+        if samples.dim() != 2 or samples.shape[1] == 0:
+            raise ValueError(f"samples must be (N, L) token ids with L >= 1, got shape {tuple(samples.shape)}")
+        rows = list(samples.cpu())
+    else:
+        rows = [torch.as_tensor(row, dtype=torch.long) for row in samples if len(row)]
+        if not rows:
+            raise ValueError("samples hold no token: no entropy")
     entropies = []
-    for row in samples.cpu():
+    for row in rows:
         counts = row.unique(return_counts=True)[1].double()
         probs = counts / counts.sum()
         entropies.append(-(probs * probs.log()).sum().item())
@@ -38,6 +47,12 @@ class GenerativePerplexity:
     token after the first) are counted up to and including the first end-of-text token; texts
     longer than the judge's context are scored in windows of that length overlapping by one token,
     so that every target is predicted exactly once. PPL = exp(total NLL / total counted targets).
+
+    Prompted samples (SPEC-2 §15): given per-token flags `generated`, only the generated tokens
+    are counted as targets; the given ones (prompt, template) are the judge's context. A judge
+    with its own tokenizer reads each run of given or generated tokens decoded and re-tokenized
+    on its own, so that the flags carry over (a boundary may tokenize differently than in the
+    whole text).
     """
 
     def __init__(self, name_or_path: str, device=None, batch_size: int = 8, tokenizer=None):
@@ -45,6 +60,7 @@ class GenerativePerplexity:
             raise ValueError(f"eval.perplexity_batch_size={batch_size} must be >= 1 (e.g. eval.perplexity_batch_size=8)")
         self.device = torch.device(device or 'cpu')
         self.batch_size = batch_size
+        self.run_tokenizer = tokenizer
         self.excluded_id = None
         self.reads_run_tokenizer = is_our_checkpoint(str(name_or_path))
         if self.reads_run_tokenizer:
@@ -103,36 +119,72 @@ class GenerativePerplexity:
 
     def windows(self, text: str) -> list[list[int]]:
         """The judge's token windows of one text, cut after the first end-of-text target."""
-        return self._windows(self._encode(text))
+        return [ids for ids, _ in self._windows(self._encode(text))]
 
-    def _windows(self, ids: list[int]) -> list[list[int]]:
+    def _windows(self, ids: list[int], counted: list[bool] | None = None) -> list[tuple[list[int], list[bool]]]:
+        """(ids, counted) windows of one text: counted[j] says whether ids[j] is a scored target."""
+        counted = [True] * len(ids) if counted is None else counted
         if self.eos_id in ids[1:]:
-            ids = ids[:ids.index(self.eos_id, 1) + 1]
+            end = ids.index(self.eos_id, 1) + 1
+            ids, counted = ids[:end], counted[:end]
         stride = self.context - 1
-        return [ids[start:start + self.context] for start in range(0, len(ids) - 1, stride)]
+        return [(ids[start:start + self.context], counted[start:start + self.context])
+                for start in range(0, len(ids) - 1, stride)]
+
+    def _runs(self, token_ids: list[int], generated: list[bool], eos_token) -> tuple[list[int], list[bool]]:
+        """A judge with its own tokenizer: the runs of given / generated run-tokenizer ids, each
+        decoded and re-tokenized, with their flags."""
+        if self.run_tokenizer is None:
+            raise ValueError('scoring prompted samples with a judge of its own tokenizer needs the run\'s tokenizer '
+                             '(GenerativePerplexity(..., tokenizer=...))')
+        ids, flags, k = [], [], 0
+        while k < len(token_ids):
+            end = k
+            while end < len(token_ids) and generated[end] == generated[k]:
+                end += 1
+            text = self.run_tokenizer.decode(token_ids[k:end])
+            if eos_token and eos_token != self.tokenizer.eos_token:
+                text = text.replace(eos_token, self.tokenizer.eos_token)
+            piece = self._encode(text)
+            if k > 0 and piece and piece[0] == self.tokenizer.bos_token_id and self.tokenizer.bos_token_id is not None \
+                    and self.tokenizer.bos_token_id != self.eos_id:
+                piece = piece[1:]  # a tokenizer that adds a BOS to every call: once, at the start
+            ids.extend(piece)
+            flags.extend([generated[k]] * len(piece))
+            k = end
+        return ids, flags
 
     @torch.no_grad()
     def score(self, texts: list[str], eos_token: str | None = None,
-              token_ids: list[list[int]] | None = None) -> tuple[float, int]:
+              token_ids: list[list[int]] | None = None,
+              generated: list[list[bool]] | None = None) -> tuple[float, int]:
         """(total NLL in nats, number of counted targets) of texts; eos_token = the sampler's
         end-of-text string, replaced by the judge's when the two differ. token_ids: the sampled ids
         of the texts, which a judge reading the run's tokenizer scores as they are (re-tokenizing a
-        decode need not give them back: text8's tokenizer merges runs of spaces)."""
+        decode need not give them back: text8's tokenizer merges runs of spaces). generated (with
+        token_ids): per token, True where the sampler drew it; only those are counted, the others
+        (a prompt) are context (class docstring)."""
+        if generated is not None and token_ids is None:
+            raise ValueError('generated flags need the token_ids they describe')
         if token_ids is not None and self.reads_run_tokenizer:
-            id_lists = [[t for t in ids if t != self.excluded_id] for ids in token_ids]
+            flags = generated or [[True] * len(ids) for ids in token_ids]
+            pairs = [([t for t in ids if t != self.excluded_id], [f for t, f in zip(ids, flag) if t != self.excluded_id])
+                     for ids, flag in zip(token_ids, flags)]
+        elif generated is not None:
+            pairs = [self._runs(ids, flag, eos_token) for ids, flag in zip(token_ids, generated)]
         else:
             if eos_token and eos_token != self.tokenizer.eos_token:
                 texts = [text.replace(eos_token, self.tokenizer.eos_token) for text in texts]
-            id_lists = [self._encode(text) for text in texts]
-        windows = [w for ids in id_lists for w in self._windows(ids)]
-        windows.sort(key=len)  # batches of similar lengths pad little
+            pairs = [(ids, None) for ids in (self._encode(text) for text in texts)]
+        windows = [w for ids, flags in pairs for w in self._windows(ids, flags)]
+        windows.sort(key=lambda w: len(w[0]))  # batches of similar lengths pad little
         total, count = 0.0, 0
         for start in range(0, len(windows), self.batch_size):
             batch = windows[start:start + self.batch_size]
-            width = len(batch[-1])
+            width = len(batch[-1][0])
             ids = torch.zeros(len(batch), width, dtype=torch.long)
             valid = torch.zeros(len(batch), width, dtype=torch.long)
-            for i, w in enumerate(batch):
+            for i, (w, _) in enumerate(batch):
                 ids[i, :len(w)] = torch.tensor(w)
                 valid[i, :len(w)] = 1
             ids, valid = ids.to(self.device), valid.to(self.device)
@@ -142,17 +194,18 @@ class GenerativePerplexity:
                 else:  # our causal DiT: right padding cannot affect the earlier positions
                     logits = self.model(ids)
                     logits[..., self.excluded_id] = float('-inf')
-            for i, w in enumerate(batch):  # one row at a time: no (b, n, V) float32 copy
+            for i, (w, counted) in enumerate(batch):  # one row at a time: no (b, n, V) float32 copy
                 n = len(w)
-                nll = torch.nn.functional.cross_entropy(logits[i, :n - 1].float(), ids[i, 1:n], reduction='sum')
-                total += nll.item()
-                count += n - 1
+                nll = torch.nn.functional.cross_entropy(logits[i, :n - 1].float(), ids[i, 1:n], reduction='none')
+                keep = torch.tensor(counted[1:n], dtype=torch.bool, device=nll.device)
+                total += nll[keep].sum().item()
+                count += int(keep.sum())
         return total, count
 
     def compute(self, texts: list[str], eos_token: str | None = None,
-                token_ids: list[list[int]] | None = None) -> float:
+                token_ids: list[list[int]] | None = None, generated: list[list[bool]] | None = None) -> float:
         """Generative perplexity exp(total NLL / counted targets) of texts (see score)."""
-        total, count = self.score(texts, eos_token, token_ids)
+        total, count = self.score(texts, eos_token, token_ids, generated)
         if count == 0:
             raise ValueError('no text has a token to score after re-tokenization: the samples are empty')
         return math.exp(total / count)
@@ -202,9 +255,14 @@ def judge_samples(samples_json, judge: str, batch_size: int = 8, device=None) ->
         texts, token_ids, tokenizer_name = result['generated_seqs'], result.get('token_ids'), result['tokenizer']
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f'{path} is not a samples.json of mode=sample_eval ({type(e).__name__}: {e})') from None
+    generated = None
+    if result.get('fixed_spans') is not None and token_ids is not None:  # prompted: the continuations given the prompts
+        from duo import flags_from_spans
+        generated = [[not f for f in row] for row in flags_from_spans(result['fixed_spans'], map(len, token_ids))]
     tokenizer = dataloader.load_tokenizer(tokenizer_name)
     scorer = GenerativePerplexity(judge, device=device, batch_size=batch_size, tokenizer=tokenizer)
-    result['generative_ppl'] = scorer.compute(texts, eos_token=tokenizer.eos_token, token_ids=token_ids)
+    result['generative_ppl'] = scorer.compute(texts, eos_token=tokenizer.eos_token, token_ids=token_ids,
+                                              generated=generated)
     result['judge'] = judge
     write_text(path, json.dumps(result, indent=2))
     return result['generative_ppl']

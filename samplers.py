@@ -556,7 +556,8 @@ def sample_diffusion(logits_fn, batch_size: int, length: int, vocab_size: int, a
                      p_nucleus: float = 1.0, use_float64: bool = True, cache: bool = True,
                      generator=None, device=None, progress: bool = False, t_min: float = T_MIN,
                      grid: torch.Tensor | None = None, kappas: torch.Tensor | None = None,
-                     remdm_conf: bool = False, step=None) -> torch.Tensor:
+                     remdm_conf: bool = False, step=None,
+                     fixed: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Ancestral or Ψ sampling over a time grid t_0 = 1 > ... > t_S; returns ids (B, L) int64.
 
     logits_fn(z (b, L) int64, t (b,) float32) -> denoiser logits (b, L, K), any float dtype; it may
@@ -581,6 +582,12 @@ def sample_diffusion(logits_fn, batch_size: int, length: int, vocab_size: int, a
     d3pm_step); it replaces the ancestral step, runs on the whole batch at every step that has a
     [MASK] left (a step without any is the identity: no network call), and noise_removal='ancestral'
     is the same step to alpha_s = 1.
+    fixed: (mask (B, L) bool, tokens (B, L) int64), positions F held at y_F (prompts, infilling;
+    SPEC-2 §15): the sampler starts from z_F = y_F and F never changes. Absorbing: the steps only
+    unmask masked tokens and Ψ/ReMDM never remask F, so this is the model's own conditional (exact
+    for an exact denoiser in the many-step limit). Uniform: z_F is reset to y_F after every step and
+    after noise removal (the clamp: not the exact conditional, since the denoiser reads y_F as a
+    noisy observation at α_t; the error vanishes as α_t -> 1).
     """
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r} is unknown; use 'uniform' (duo, duo_base) or 'absorbing' (mdlm)")
@@ -603,20 +610,23 @@ def sample_diffusion(logits_fn, batch_size: int, length: int, vocab_size: int, a
     step_kappas = [1.0] * steps if kappas is None else kappas.double().tolist()[:steps]
     draw = dict(p_nucleus=p_nucleus, generator=generator, use_float64=use_float64)
     shape = (batch_size, length)
+    check_fixed(fixed, shape, mask_id if kind == 'absorbing' else None, vocab_size)
     if kind == 'uniform':
-        z = torch.randint(vocab_size, shape, generator=generator, device=device)
+        z = hold_fixed(torch.randint(vocab_size, shape, generator=generator, device=device), fixed)
         for i in progress_steps(range(steps), 'sampling', unit='steps', enabled=progress):
             if alphas[i] != alphas[i + 1] or step_kappas[i] != 1:  # else the identity: no network call
-                z = uniform_step(z, _call(logits_fn, z, grid[i]), alphas[i], alphas[i + 1],
-                                 kappa=step_kappas[i], **draw)
+                z = hold_fixed(uniform_step(z, _call(logits_fn, z, grid[i]), alphas[i], alphas[i + 1],
+                                            kappa=step_kappas[i], **draw), fixed)
         if noise_removal == 'ancestral':
-            z = uniform_step(z, _call(logits_fn, z, grid[-1]), alphas[-1], 1.0, **draw)
+            z = hold_fixed(uniform_step(z, _call(logits_fn, z, grid[-1]), alphas[-1], 1.0, **draw), fixed)
         elif noise_removal == 'greedy':
-            z = _call(logits_fn, z, grid[-1]).argmax(-1)
+            z = hold_fixed(_call(logits_fn, z, grid[-1]).argmax(-1), fixed)
         return z
     if mask_id is None or not 0 <= mask_id < vocab_size:
         raise ValueError(f"absorbing sampling needs mask_id in [0, {vocab_size}), got {mask_id}")
-    z = torch.full(shape, mask_id, dtype=torch.long, device=device)
+    # Fixed tokens are unmasked from the start: no absorbing step below changes an unmasked token
+    # except the Ψ/ReMDM remasking, which is told to skip them.
+    z = hold_fixed(torch.full(shape, mask_id, dtype=torch.long, device=device), fixed)
     confidence = torch.full(shape, math.nan, dtype=torch.float64, device=device) if remdm_conf else None
     cache = cache and step is None
     for i in progress_steps(range(steps), 'sampling', unit='steps', enabled=progress):
@@ -634,7 +644,7 @@ def sample_diffusion(logits_fn, batch_size: int, length: int, vocab_size: int, a
                                  f"absorbing kappas must be in [1 - min(1, (1 - alpha_s)/alpha_t)/(1 - alpha_s), 1] "
                                  f"(sampling.psi.*_mode)")
             z = absorbing_psi_step(z, _call(logits_fn, z, grid[i]), a_t, a_s, kappa, mask_id,
-                                   confidence=confidence, **draw)
+                                   fixed=None if fixed is None else fixed[0], confidence=confidence, **draw)
             continue
         u = torch.rand(shape, dtype=torch.float64, generator=generator, device=device)
         unmask = (z == mask_id) & (u < (a_s - a_t) / (1 - a_t))
@@ -652,6 +662,27 @@ def sample_diffusion(logits_fn, batch_size: int, length: int, vocab_size: int, a
             logits[..., mask_id] = float('-inf')
             z[rows] = torch.where(masked[rows], logits.argmax(-1), z[rows])
     return z
+
+
+def check_fixed(fixed, shape, mask_id: int | None = None, vocab_size: int | None = None):
+    """fixed = (mask (B, L) bool, tokens (B, L) int64) of `shape`, fixed tokens in [0, vocab_size)
+    and, for absorbing sampling (mask_id given), never the [MASK]; None passes."""
+    if fixed is None:
+        return
+    mask, tokens = fixed
+    if tuple(mask.shape) != tuple(shape) or tuple(tokens.shape) != tuple(shape) or mask.dtype != torch.bool:
+        raise ValueError(f"fixed must be (mask bool {tuple(shape)}, tokens {tuple(shape)}), got "
+                         f"({mask.dtype} {tuple(mask.shape)}, {tuple(tokens.shape)})")
+    held = tokens[mask]
+    if vocab_size is not None and len(held) and not (0 <= int(held.min()) and int(held.max()) < vocab_size):
+        raise ValueError(f"fixed tokens must be ids in [0, {vocab_size})")
+    if mask_id is not None and bool((held == mask_id).any()):
+        raise ValueError("a fixed token is the [MASK] id: absorbing sampling would fill it; fix real tokens only")
+
+
+def hold_fixed(z: torch.Tensor, fixed) -> torch.Tensor:
+    """z (B, L) with the fixed positions reset to their tokens (a new tensor); fixed None: z."""
+    return z if fixed is None else torch.where(fixed[0], fixed[1], z)
 
 
 def _call(logits_fn, z, t):
@@ -679,20 +710,132 @@ def _absorbing_fill(logits_fn, z, fill, t, cache, mask_id, **draw):
 
 
 def sample_ar(step, batch_size: int, length: int, *, bos_id: int, p_nucleus: float = 1.0, top_k: int = 0,
-              use_float64: bool = True, generator=None, device=None, progress: bool = False) -> torch.Tensor:
+              use_float64: bool = True, generator=None, device=None, progress: bool = False,
+              fixed: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Ancestral autoregressive sampling: ids (B, length) int64 starting with bos_id.
 
     step(new_tokens (B, n) int64) -> logits (B, K) of the next token after them; the caller keeps
-    the KV cache (or recomputes the prefix) inside `step`. It is called length - 1 times with one
-    new token each. top_k > 0 keeps the k largest logits, p_nucleus < 1 the nucleus, before the draw.
+    the KV cache (or recomputes the prefix) inside `step`. Without `fixed` it is called length - 1
+    times with one new token each. top_k > 0 keeps the k largest logits, p_nucleus < 1 the nucleus,
+    before the draw.
+    fixed: (mask (B, length) bool, tokens (B, length)), a prompt per row: every row's mask must be
+    a prefix of P_b >= 1 positions (its tokens replace bos_id). The P = min_b P_b positions that
+    every row holds go through `step` in one call; from there one token per call, drawn, except
+    where a row's prompt goes on (its token is taken as it is: teacher forcing through the cache).
     """
     check_p_nucleus(p_nucleus)
     if length < 1:
         raise ValueError(f"model.length={length} must be >= 1 (e.g. model.length=1024)")
     tokens = torch.full((batch_size, length), bos_id, dtype=torch.long, device=device)
-    for i in progress_steps(range(length - 1), 'sampling', unit='tokens', enabled=progress):
-        logits = step(tokens[:, i:i + 1]).float()
+    start, held = 1, None
+    if fixed is not None:
+        check_fixed(fixed, (batch_size, length))
+        held = fixed[0].to(tokens.device)
+        if not bool(held[:, 0].all()) or bool((held[:, 1:] & ~held[:, :-1]).any()):
+            raise ValueError("an autoregressive model can only continue a prefix: every row's fixed positions "
+                             "must be 0..P-1 (the gap of an infilling template at the end)")
+        tokens = hold_fixed(tokens, (held, fixed[1].to(tokens.device)))
+        start = int(held.sum(1).min())
+    fed = 0  # tokens [0, fed) are in the cache
+    for i in progress_steps(range(start, length), 'sampling', unit='tokens', enabled=progress):
+        logits = step(tokens[:, fed:i]).float()
+        fed = i
         top_k_filter_(logits, top_k)
         nucleus_filter_(logits, p_nucleus)
-        tokens[:, i + 1] = gumbel_argmax(logits, generator, use_float64)
+        drawn = gumbel_argmax(logits, generator, use_float64)
+        tokens[:, i] = drawn if held is None else torch.where(held[:, i], tokens[:, i], drawn)
     return tokens
+
+
+# ---------------------------------------------------------------------------- beyond one window, variable length (SPEC-2 §15)
+
+# bd3lms' variable-length rule: after a block, once the sample is longer than ENTROPY_WINDOW tokens,
+# a unigram entropy (nats) of its last ENTROPY_WINDOW tokens below ENTROPY_FLOOR ends it.
+ENTROPY_WINDOW, ENTROPY_FLOOR = 256, 4.0
+
+
+def check_semi_ar(length: int, stride: int, num_strides: int):
+    if int(stride) != stride or not 1 <= stride < length:
+        raise ValueError(f"sampling.stride_length={stride} must be an integer in [1, model.length={length}) "
+                         f"(e.g. sampling.stride_length={max(length // 2, 1)})")
+    if int(num_strides) != num_strides or num_strides < 0:
+        raise ValueError(f"sampling.num_strides={num_strides} must be an integer >= 0 (e.g. sampling.num_strides=2)")
+
+
+def semi_ar_length(length: int, stride: int, num_strides: int) -> int:
+    """Tokens of a semi-autoregressive sample: L + n stride."""
+    return length + num_strides * stride
+
+
+def sample_semi_ar(window_fn, batch_size: int, length: int, stride: int, num_strides: int, *,
+                   fixed: tuple[torch.Tensor, torch.Tensor] | None = None, stop=None,
+                   device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Semi-autoregressive sampling beyond one window (SPEC-2 §15): (ids (B, N'), lengths (B,) int64).
+
+    Window r = 0..n covers positions [r stride, r stride + L) of a canvas of N = L + n stride
+    tokens. window_fn(fixed_window) -> ids (B, L) samples one window given fixed_window = (mask
+    (B, L) bool, tokens (B, L)) or None; window r > 0 holds its first L - stride positions (the
+    last L - stride tokens of window r - 1), and every window the positions of `fixed` (mask,
+    tokens (B, N): a prompt or template spanning the canvas) that fall inside it. The output is
+    w_0[:stride] + ... + w_{n-1}[:stride] + w_n. stop(ids (B, end)) -> lengths (B,) int64, -1 for
+    rows that go on, else where that row ends; called after every window (end = its last position
+    + 1); once every row has ended, no more windows are drawn and N' = that end. lengths: N' for
+    rows that never stopped (without stop: all N).
+    """
+    check_semi_ar(length, stride, num_strides)
+    total = semi_ar_length(length, stride, num_strides)
+    if fixed is not None:
+        check_fixed(fixed, (batch_size, total))
+    canvas = torch.zeros(batch_size, total, dtype=torch.long, device=device)
+    known = torch.zeros(batch_size, total, dtype=torch.bool, device=device)
+    if fixed is not None:
+        canvas = hold_fixed(canvas, fixed)
+        known |= fixed[0]
+    lengths = torch.full((batch_size,), -1, dtype=torch.long, device=device)
+    end = length
+    for r in range(num_strides + 1):
+        begin, end = r * stride, r * stride + length
+        window = (known[:, begin:end], canvas[:, begin:end])
+        drawn = window_fn(window if bool(window[0].any()) else None)
+        canvas[:, begin:end] = hold_fixed(drawn, window)
+        known[:, begin:end] = True
+        if stop is not None:
+            ended = stop(canvas[:, :end])
+            lengths = torch.where(lengths < 0, ended, lengths)
+            if bool((lengths >= 0).all()):
+                break
+    return canvas[:, :end], torch.where(lengths < 0, end, lengths)
+
+
+def eos_lengths(ids: torch.Tensor, eos_id: int, start: torch.Tensor) -> torch.Tensor:
+    """Per-row length (B,) int64 that ends each row of ids (B, N) right after its first eos_id at a
+    position >= max(start_b, 1) (start (B,): where the row's generated text begins; position 0
+    holds the BOS, which is the EOS for GPT-2); -1 for rows without one."""
+    positions = torch.arange(ids.shape[1], device=ids.device)
+    hits = (ids == eos_id) & (positions >= start.clamp(min=1)[:, None])
+    first = torch.where(hits, positions, ids.shape[1]).amin(1) if ids.shape[1] else start.new_zeros(len(ids))
+    return torch.where(first < ids.shape[1], first + 1, -1)
+
+
+def low_entropy_tail(ids: torch.Tensor, vocab_size: int, window: int = ENTROPY_WINDOW,
+                     floor: float = ENTROPY_FLOOR) -> torch.Tensor:
+    """(B,) bool: rows of ids (B, N), N > window, whose last `window` tokens have a unigram entropy
+    (nats) below floor; all False when N <= window, and when log(vocab_size) <= floor (no text over
+    such a vocabulary, e.g. characters, reaches the floor: the rule would end every sample)."""
+    if ids.shape[1] <= window or math.log(vocab_size) <= floor:
+        return torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    tail = ids[:, -window:]
+    counts = torch.zeros(ids.shape[0], vocab_size, dtype=torch.float64, device=ids.device)
+    counts.scatter_add_(1, tail, torch.ones_like(tail, dtype=torch.float64))
+    probs = counts / window
+    entropy = -(probs * probs.clamp(min=1e-300).log()).sum(1)
+    return entropy < floor
+
+
+def window_stop(ids: torch.Tensor, eos_id: int, start: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """The variable-length rule of semi-autoregressive sampling after a window (SPEC-2 §15), ids
+    (B, end): a row ends right after its first generated EOS (eos_lengths), else, when its last
+    ENTROPY_WINDOW tokens are a low-entropy tail (low_entropy_tail), before them; -1: it goes on."""
+    ended = eos_lengths(ids, eos_id, start)
+    tail = low_entropy_tail(ids, vocab_size)
+    return torch.where((ended < 0) & tail, ids.shape[1] - ENTROPY_WINDOW, ended)

@@ -111,15 +111,7 @@ def resolve(config: DictConfig) -> DictConfig:
         raise ConfigError(f"model.length={config.model.length} is too short: use at least 4 (e.g. model.length=128)")
     if not 0 <= setting_float(config, 'model.dropout', 0.1) < 1:
         raise ConfigError(f"model.dropout={config.model.dropout} must be in [0, 1) (e.g. model.dropout=0.1)")
-    if setting_int(config, 'sampling.steps', 128) < 1:
-        raise ConfigError(f"sampling.steps={config.sampling.steps} must be >= 1 (e.g. sampling.steps=128)")
-    if not 0 < setting_float(config, 'sampling.p_nucleus', 0.9) <= 1:
-        raise ConfigError(f"sampling.p_nucleus={config.sampling.p_nucleus} must be in (0, 1] "
-                          f"(e.g. sampling.p_nucleus=0.9)")
-    if setting_int(config, 'sampling.num_sample_batches', 2) < 1:
-        raise ConfigError(f"sampling.num_sample_batches={config.sampling.num_sample_batches} must be >= 1 "
-                          f"(e.g. sampling.num_sample_batches=2)")
-    check_psi(config)
+    check_sampling(config)
     if config.mode == 'train':
         for key, low, example in (('trainer.max_steps', 1, 100000), ('checkpointing.every_n_train_steps', 1, 5000),
                                   ('checkpointing.keep_last', 0, 3), ('training.max_nonfinite_steps', 1, 25)):
@@ -130,6 +122,30 @@ def resolve(config: DictConfig) -> DictConfig:
                               f"e.g. training.ema=0.9999)")
         max_time_seconds(t.max_time)
     return config
+
+
+def check_sampling(config):
+    """sampling.*: numbers, ranges, switches and sampling.psi.* (the checks that need the model, e.g.
+    semi-autoregressive strides against model.length, are the sampler's: duo.Model.check)."""
+    if setting_int(config, 'sampling.steps', 128) < 1:
+        raise ConfigError(f"sampling.steps={config.sampling.steps} must be >= 1 (e.g. sampling.steps=128)")
+    if not 0 < setting_float(config, 'sampling.p_nucleus', 0.9) <= 1:
+        raise ConfigError(f"sampling.p_nucleus={config.sampling.p_nucleus} must be in (0, 1] "
+                          f"(e.g. sampling.p_nucleus=0.9)")
+    if setting_int(config, 'sampling.num_sample_batches', 2) < 1:
+        raise ConfigError(f"sampling.num_sample_batches={config.sampling.num_sample_batches} must be >= 1 "
+                          f"(e.g. sampling.num_sample_batches=2)")
+    sampling = config.sampling
+    for key in ('semi_ar', 'var_length'):
+        if not isinstance(sampling[key], bool):
+            raise ConfigError(f"sampling.{key}={sampling[key]} must be true or false (e.g. sampling.{key}=true)")
+    setting_int(config, 'sampling.stride_length', 512)
+    setting_int(config, 'sampling.num_strides', 2)
+    for key in ('prompt', 'prompts_file'):
+        if sampling[key] is not None and not isinstance(sampling[key], (str, int, float)):
+            raise ConfigError(f"sampling.{key}={sampling[key]} must be text: quote it for Hydra "
+                              f"(e.g. 'sampling.prompt=\"The capital of France is [GAP:5] .\"')")
+    check_psi(config)
 
 
 def check_psi(config):

@@ -208,3 +208,55 @@ def test_hugging_face_judge_still_used_for_its_own_directories(judge_dir):
     assert judge.excluded_id is None and judge.context == CONTEXT
     # its own tokenizer re-tokenizes the texts: the run's token ids are not its ids
     assert judge.score(TEXTS, token_ids=[[1, 2, 3]] * len(TEXTS)) == judge.score(TEXTS)
+
+
+# ---------------------------------------------------------------------------------------------
+# prompted samples (SPEC-2 §15): the continuation scored given the prompt
+def test_prompted_samples_count_the_continuation_only_our_judge(tmp_path):
+    """Our judge on the sampled ids: the sum over the generated targets of -log p(x_j | x_<j), the
+    prompt being context (a reference loop over one full forward per text)."""
+    from dataloader import Text8Tokenizer
+    tokenizer = Text8Tokenizer()
+    ckpt, _, ema_model = _our_ar_judge(tmp_path, length=16)
+    g = torch.Generator().manual_seed(2)
+    ids = [[2] + torch.randint(8, 35, (14,), generator=g).tolist() for _ in range(3)]
+    prompt = [4, 1, 7]                       # given: positions 0..P-1 (row 2: an infilling template too)
+    generated = [[j >= p for j in range(15)] for p in prompt]
+    generated[2][10:12] = [False, False]
+    judge = metrics.GenerativePerplexity(str(ckpt), tokenizer=tokenizer)
+    total, count = judge.score(tokenizer.batch_decode(ids), token_ids=ids, generated=generated)
+    expected_total, expected_count = 0.0, 0
+    with torch.no_grad():
+        for row, flags in zip(ids, generated):
+            logits = ema_model(torch.tensor([row]))[0].double()
+            logits[:, 4] = float('-inf')
+            log_p = logits.log_softmax(-1)
+            for j in range(1, len(row)):
+                if flags[j]:
+                    expected_total -= log_p[j - 1, row[j]].item()
+                    expected_count += 1
+    assert count == expected_count == (15 - 4) + (15 - 1) + (15 - 7 - 2)
+    assert total == pytest.approx(expected_total, rel=1e-5)
+    everything = judge.score(tokenizer.batch_decode(ids), token_ids=ids)
+    assert everything[1] == 3 * 14 and everything[0] > total
+
+
+def test_prompted_samples_count_the_continuation_only_hugging_face_judge(judge_dir):
+    """A judge with its own tokenizer: the prompt and the continuation are re-tokenized apart, and
+    only the continuation's tokens are counted, with the prompt as context."""
+    import dataloader
+    run_tokenizer = dataloader.load_tokenizer('gpt2')
+    model = transformers.AutoModelForCausalLM.from_pretrained(judge_dir).eval()
+    prompt = run_tokenizer.encode('The capital of France is')
+    continuation = run_tokenizer.encode(' Paris, a city on the Seine.')
+    ids = [run_tokenizer.eos_token_id, *prompt, *continuation]
+    generated = [False] * (1 + len(prompt)) + [True] * len(continuation)
+    judge = metrics.GenerativePerplexity(str(judge_dir), tokenizer=run_tokenizer)
+    total, count = judge.score([run_tokenizer.decode(ids)], eos_token=EOS, token_ids=[ids], generated=[generated])
+    with torch.no_grad():
+        log_p = model(input_ids=torch.tensor([ids])).logits[0].double().log_softmax(-1)
+    expected = -sum(log_p[j - 1, ids[j]].item() for j in range(1 + len(prompt), len(ids)))
+    assert count == len(continuation)
+    assert total == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match='generated flags need the token_ids'):
+        judge.score(['x'], generated=[[True]])

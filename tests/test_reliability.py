@@ -328,6 +328,8 @@ def bad_inputs(tmp_path_factory, corpus):
     hf_format.save_hf(tiny_backbone(length=12), d / 'hf12')
     (d / 'empty.txt').write_text('')
     (d / 'tiny.txt').write_text('ab cd\n')
+    (d / 'three_prompts.txt').write_text('one\ntwo\nthree\n')
+    save_lightning_like(tiny_backbone(causal=True), d / 'ar.ckpt')
     return d
 
 
@@ -401,6 +403,19 @@ def bad_input_cases(d: Path, corpus_dir: Path):
         ('d3pm with T < 1', [*sample, f'eval.checkpoint_path={d}/good.ckpt', 'algo=d3pm', 'algo.T=0'], {}),
         ('unknown set in eval.datasets', ['mode=ppl_eval', *data_overrides(corpus_dir), *tiny,
                                           f'eval.checkpoint_path={d}/good.ckpt', 'eval.datasets=[ptb,ptbb]', *run], {}),
+        ('malformed gap in a prompt', [*sample, f'eval.checkpoint_path={d}/good.ckpt', 'algo=mdlm',
+                                       'sampling.prompt="a [GAP:x] b"'], {}),
+        ('infilling with an AR model', [*sample, f'eval.checkpoint_path={d}/ar.ckpt', 'algo=ar',
+                                        'sampling.prompt="ab [GAP:3] cd"'], {}),
+        ('prompt longer than a sample', [*sample, f'eval.checkpoint_path={d}/good.ckpt', 'algo=mdlm',
+                                         f'sampling.prompt="{"x" * 40}"'], {}),
+        ('prompts file missing', [*sample, f'eval.checkpoint_path={d}/good.ckpt', 'algo=mdlm',
+                                  f'sampling.prompts_file={d}/prompts.txt'], {}),
+        ('more prompts than samples', [*sample, f'eval.checkpoint_path={d}/good.ckpt', 'algo=mdlm',
+                                       'loader.eval_batch_size=2', 'sampling.num_sample_batches=1',
+                                       f'sampling.prompts_file={d}/three_prompts.txt'], {}),
+        ('semi-autoregressive stride too long', [*sample, f'eval.checkpoint_path={d}/good.ckpt', 'algo=mdlm',
+                                                 'sampling.semi_ar=true', 'sampling.stride_length=32'], {}),
     ]
 
 
@@ -500,6 +515,20 @@ MESSAGES = {
                                     'openwebtext-split, openwebtext-streaming, ptb, scientific_papers_arxiv, '
                                     'scientific_papers_pubmed, stdlib, text8, text8-crop, wikitext103, wikitext2 or '
                                     '{{name: <config>, <data key>: value}} (e.g. eval.datasets=[wikitext2,ptb])',
+    'malformed gap in a prompt': 'sampling.prompt: [GAP:x] must give a whole number of positions >= 1 '
+                                 '(e.g. sampling.prompt="The capital of France is [GAP:5] .")',
+    'infilling with an AR model': 'sampling.prompt: algo=ar generates left to right and cannot fill a gap followed by '
+                                  'text: put the gap at the end, or use a diffusion model (e.g. algo=mdlm)',
+    'prompt longer than a sample': 'sampling.prompt: the template covers 41 positions (BOS and gaps included) but a '
+                                   'sample has 32 (model.length=32): shorten it or sample longer texts '
+                                   '(sampling.semi_ar=true sampling.stride_length=... sampling.num_strides=...)',
+    'prompts file missing': 'sampling.prompts_file={d}/prompts.txt does not exist: pass a .txt or .jsonl file of '
+                            'prompts (e.g. sampling.prompts_file=prompts.txt)',
+    'more prompts than samples': 'sampling.prompts_file={d}/three_prompts.txt holds 3 prompts but '
+                                 'loader.eval_batch_size=2 x sampling.num_sample_batches=1 draws 2 rows: draw at least '
+                                 'one row per prompt (e.g. sampling.num_sample_batches=2)',
+    'semi-autoregressive stride too long': 'sampling.stride_length=32 must be an integer in [1, model.length=32) '
+                                           '(e.g. sampling.stride_length=16)',
 }
 
 

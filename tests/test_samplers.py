@@ -1075,3 +1075,290 @@ def test_bad_psi_arguments_raise_one_clear_line():
         samplers.sample_diffusion(fn, 2, 2, K, linear_alpha, 4, kind='uniform', remdm_conf=True)
     with pytest.raises(ValueError, match=r'kappa=1.5 must be in \[0, 1\]'):
         samplers.uniform_step(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, K), 0.1, 0.2, kappa=1.5)
+
+
+# ------------------------------------------------------------------------- conditioning (SPEC-2 §15)
+
+def random_logits(K_, seed=0):
+    """A denoiser of random logits (every token can change at every step), recording every input."""
+    g = torch.Generator().manual_seed(seed)
+    inputs = []
+
+    def logits_fn(z, t):
+        inputs.append(z.clone())
+        return torch.randn(*z.shape, K_, generator=g) * 2
+    return logits_fn, inputs
+
+
+def prompt_fixed(B, L, K_, mask_id=None, seed=0):
+    """(mask, tokens) (B, L): row b holds positions 0..b % 3 and position L - 2 (an infilling template)."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(B, L, dtype=torch.bool)
+    for b in range(B):
+        mask[b, :b % 3 + 1] = True
+    mask[:, L - 2] = True
+    tokens = torch.randint(K_, (B, L), generator=g)
+    if mask_id is not None:
+        tokens[tokens == mask_id] = (mask_id + 1) % K_
+    return mask, tokens
+
+
+SAMPLER_CASES = [  # (kind, keyword arguments): every sampler and noise removal, nucleus, Ψ, ReMDM-conf
+    ('uniform', {}), ('uniform', {'noise_removal': 'greedy'}), ('uniform', {'noise_removal': 'none'}),
+    ('uniform', {'p_nucleus': 0.6}), ('uniform', {'kappas': 'psi'}),
+    ('absorbing', {'cache': True}), ('absorbing', {'cache': False}), ('absorbing', {'noise_removal': 'greedy'}),
+    ('absorbing', {'p_nucleus': 0.6}), ('absorbing', {'kappas': 'psi'}), ('absorbing', {'remdm_conf': True}),
+    ('absorbing', {'step': samplers.sedd_step}), ('absorbing', {'step': samplers.d3pm_step}),  # SEDD, D3PM
+]
+
+
+@pytest.mark.parametrize('kind, kw', SAMPLER_CASES)
+def test_fixed_positions_never_change_at_any_step(kind, kw):
+    """Check (1): the network sees y_F at F at every call, and the output holds it."""
+    B, L, K_, steps = 12, 7, 6, 6
+    mask_id = K_ - 1 if kind == 'absorbing' else None
+    fixed = prompt_fixed(B, L, K_, mask_id)
+    logits_fn, inputs = random_logits(K_)
+    kw = dict(kw)
+    if kw.get('kappas') == 'psi':  # κ < 1 at every step: re-noising / remasking everywhere but F
+        kw['grid'], kw['kappas'] = samplers.psi_schedule(steps, linear_alpha, high_mode='constant-0.3',
+                                                         middle_mode='constant-0.3', low_mode='constant-0.3')
+    out = samplers.sample_diffusion(logits_fn, B, L, K_, linear_alpha, steps, kind=kind, mask_id=mask_id,
+                                    generator=torch.Generator().manual_seed(1), fixed=fixed, **kw)
+    assert len(inputs) >= 2
+    mask, tokens = fixed
+    for z in inputs:
+        if len(z) == B:
+            assert torch.equal(z[mask], tokens[mask])
+        else:  # the cached sampler passes a subset of the rows: each must hold some row's y_F
+            assert all(any(torch.equal(row[mask[b]], tokens[b][mask[b]]) for b in range(B)) for row in z)
+    assert torch.equal(out[mask], tokens[mask])
+    free_changed = (out != tokens) & ~mask
+    assert free_changed.any()  # the free positions are drawn (a test that can fail)
+
+
+def test_cached_absorbing_sampler_sees_the_prompt_in_every_row_it_runs():
+    """The cached sampler calls the network on subsets of rows: each row it passes holds its own y_F."""
+    B, L, K_ = 9, 6, 5
+    fixed = prompt_fixed(B, L, K_, mask_id=4)
+    seen = []
+
+    def logits_fn(z, t):
+        seen.append(z.clone())
+        return torch.zeros(*z.shape, K_)
+    real = samplers._absorbing_fill
+
+    def spy(logits_fn_, z, fill, *args, **kwargs):
+        rows = fill.any(1).nonzero().squeeze(1)
+        assert torch.equal(z[rows][fixed[0][rows]], fixed[1][rows][fixed[0][rows]])
+        return real(logits_fn_, z, fill, *args, **kwargs)
+    samplers._absorbing_fill = spy
+    try:
+        out = samplers.sample_diffusion(logits_fn, B, L, K_, linear_alpha, 20, kind='absorbing', mask_id=4,
+                                        generator=torch.Generator().manual_seed(0), fixed=fixed)
+    finally:
+        samplers._absorbing_fill = real
+    assert any(len(z) < B for z in seen) and torch.equal(out[fixed[0]], fixed[1][fixed[0]])
+
+
+def conditional_target(seqs, p, position, token, length):
+    """p(x_free | x_position = token) over the K^L histogram cells (the fixed position included)."""
+    keep = seqs[:, position] == token
+    out = target(seqs[keep], p[keep] / p[keep].sum(), length)
+    return out
+
+
+@pytest.mark.parametrize('steps', [200, pytest.param(2000, marks=pytest.mark.slow)])
+def test_mdlm_with_an_exact_denoiser_samples_the_conditional(steps):
+    """Check (2): L = 3, position 1 fixed to y, exact absorbing denoiser, many steps, cached sampler:
+    the two free tokens follow p(x_0, x_2 | x_1 = y) (the model's own conditional, SPEC-2 §15). Two
+    tokens unmasked in one step are drawn independently (TV ~ 0.37 / steps, as unconditionally):
+    200 steps in the fast suite, SPEC-2's 2000 in the slow one."""
+    seqs, p = data_distribution(3)
+    n, y = 20_000, 2
+    mask = torch.zeros(n, 3, dtype=torch.bool)
+    mask[:, 1] = True
+    fixed = (mask, torch.full((n, 3), y))
+    out = samplers.sample_diffusion(exact_denoiser(seqs, p, 'absorbing'), n, 3, K, linear_alpha, steps,
+                                    kind='absorbing', mask_id=MASK, generator=torch.Generator().manual_seed(0),
+                                    fixed=fixed)
+    assert (out[:, 1] == y).all()
+    counts, probs = histogram(out, 3), conditional_target(seqs, p, 1, y, 3)
+    assert chi_square_pvalue(counts, probs) > 1e-3
+    unconditional = target(seqs, p, 3)
+    marginal_free = lambda h: h.reshape(K, K, K).sum(1).flatten()
+    # a test that can fail: the unconditional law of the free tokens is far from the conditional one
+    assert 0.5 * (marginal_free(unconditional) - marginal_free(probs)).abs().sum() > 0.1
+
+
+def clamped_uniform_law(seqs, p, position, token, steps):
+    """The exact law (K^2,) of the two free tokens of L = 3 under the DUO clamp (position fixed to
+    token) with the exact uniform-state denoiser, by enumeration: start uniform, each step draws the
+    free tokens independently from the Bayes posterior q(z_s | z_t, x) = q(z_t | z_s) q(z_s | x) /
+    q(z_t | x) with the vector x̂ plugged in for x, then noise removal to alpha = 1."""
+    states = list(itertools.product(range(K), repeat=2))
+    free = [l for l in range(3) if l != position]
+    dist = torch.full((len(states),), 1 / len(states), dtype=torch.float64)
+    grid = samplers.time_grid(steps)
+    pairs = [(grid[i], grid[i + 1]) for i in range(steps)] + [(grid[-1], None)]
+    for t, s in pairs:
+        a_t = linear_alpha(t).item()
+        a_s = 1.0 if s is None else linear_alpha(s).item()
+        z = torch.zeros(len(states), 3, dtype=torch.long)
+        z[:, free] = torch.tensor(states)
+        z[:, position] = token
+        xhat = leave_one_out_posterior(z, t.float().expand(len(states)), seqs, p)     # (n, 3, K)
+        ratio = a_t / a_s
+        moves = []
+        for l in free:
+            keep = F.one_hot(z[:, l], K).double()                                     # q(z_t | z_s = j): (n, K)
+            likelihood = ratio * keep + (1 - ratio) / K
+            prior = a_s * xhat[:, l] + (1 - a_s) / K                                   # q(z_s = j | x̂)
+            post = likelihood * prior
+            moves.append(post / post.sum(-1, keepdim=True))
+        transition = torch.einsum('na,nb->nab', *moves).reshape(len(states), -1)
+        dist = dist @ transition
+    return dist
+
+
+def test_duo_clamp_follows_its_exact_law_and_is_not_the_conditional():
+    """The DUO clamp (SPEC-2 §15): with the exact uniform-state denoiser, L = 3 and position 1 fixed,
+    the sampler's free tokens follow the clamped chain's law computed by enumeration (chi-square);
+    that law is NOT p(x_free | y) (the denoiser reads y as a noisy token), but much closer to it than
+    the unconditional law: TV 0.04 against 0.22 at 64 steps for this distribution."""
+    seqs, p = data_distribution(3)
+    n, y, steps = 40_000, 1, 4
+    mask = torch.zeros(n, 3, dtype=torch.bool)
+    mask[:, 1] = True
+    out = samplers.sample_diffusion(exact_denoiser(seqs, p, 'uniform'), n, 3, K, linear_alpha, steps, kind='uniform',
+                                    generator=torch.Generator().manual_seed(0), fixed=(mask, torch.full((n, 3), y)))
+    assert (out[:, 1] == y).all()
+    counts = torch.bincount(out[:, 0] * K + out[:, 2], minlength=K * K).double()
+    law = clamped_uniform_law(seqs, p, 1, y, steps)
+    assert chi_square_pvalue(counts, law) > 1e-3
+    joint = conditional_target(seqs, p, 1, y, 3).reshape(K, K, K).sum(1).flatten()   # p(x_0, x_2 | x_1 = y)
+    unconditional = target(seqs, p, 3).reshape(K, K, K).sum(1).flatten()
+    many = clamped_uniform_law(seqs, p, 1, y, 64)
+    tv = lambda a, b: 0.5 * (a - b).abs().sum().item()
+    assert 0.02 < tv(many, joint) < 0.5 * tv(unconditional, joint)
+
+
+# ---- AR with a prompt
+
+def test_ar_prompt_through_the_kv_cache_gives_the_logits_of_a_full_recompute():
+    """Check (4): prompts of different lengths per row; every logits row the sampler draws from (or
+    teacher-forces through) equals the full forward of the final tokens at that position."""
+    torch.manual_seed(0)
+    L, B = 12, 4
+    model = DiT(11, 32, 16, 2, 4, L, causal=True).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn_like(param) * 0.5)
+    cache = model.init_kv_cache(B, L)
+    recorded = []
+
+    def cached(tokens):
+        logits = model(tokens, kv_cache=cache)[:, -1]
+        recorded.append((cache.length, logits.clone()))
+        return logits
+
+    lengths = [1, 3, 5, 2]
+    mask = torch.arange(L)[None] < torch.tensor(lengths)[:, None]
+    prompt = torch.randint(10, (B, L), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out = samplers.sample_ar(cached, B, L, bos_id=10, generator=torch.Generator().manual_seed(2),
+                                 fixed=(mask, prompt))
+        full = model(out)
+    assert torch.equal(out[mask], prompt[mask])
+    assert recorded[0][0] == min(lengths)                   # the common prefix in one call
+    assert [n for n, _ in recorded] == list(range(min(lengths), L))
+    for n, logits in recorded:                               # logits of the token at position n
+        torch.testing.assert_close(logits, full[:, n - 1], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match='only continue a prefix'):
+        samplers.sample_ar(cached, B, L, bos_id=10, fixed=(~mask, prompt))
+
+
+# ---- semi-autoregressive windows
+
+def test_semi_ar_length_and_window_overlaps():
+    """Check (3): output length L + n stride, window r + 1 holds the last L - stride tokens of window
+    r, the output is w_0[:s] + ... + w_{n-1}[:s] + w_n, and a canvas-wide prompt reaches the windows
+    it overlaps."""
+    B, L, s, n = 3, 8, 3, 4
+    g = torch.Generator().manual_seed(0)
+    calls = []
+
+    def window_fn(held):
+        drawn = torch.randint(50, 99, (B, L), generator=g)
+        out = drawn if held is None else torch.where(held[0], held[1], drawn)
+        calls.append((None if held is None else (held[0].clone(), held[1].clone()), out))
+        return out
+
+    total = samplers.semi_ar_length(L, s, n)
+    prompt_mask = torch.zeros(B, total, dtype=torch.bool)
+    prompt_mask[:, :L + 1] = True                          # longer than one window
+    prompt = torch.arange(total).expand(B, total)
+    ids, lengths = samplers.sample_semi_ar(window_fn, B, L, s, n, fixed=(prompt_mask, prompt))
+    assert ids.shape == (B, L + n * s) == (B, 20) and (lengths == 20).all()
+    assert len(calls) == n + 1
+    for r in range(1, n + 1):
+        held, _ = calls[r]
+        assert held[0][:, :L - s].all()
+        assert torch.equal(held[1][:, :L - s], calls[r - 1][1][:, s:])   # the overlap, equal
+    expected = torch.cat([calls[r][1][:, :s] for r in range(n)] + [calls[n][1]], 1)
+    assert torch.equal(ids, expected)
+    assert torch.equal(ids[:, :L + 1], prompt[:, :L + 1])
+    assert calls[1][0][0][:, L - s].all() and not calls[1][0][0][:, L - s + 1:].any()  # the prompt's last token
+    ids, _ = samplers.sample_semi_ar(window_fn, B, L, s, 0)
+    assert ids.shape == (B, L)
+    for bad in ((0, 1), (L, 1), (2, -1)):
+        with pytest.raises(ValueError, match='sampling.(stride_length|num_strides)'):
+            samplers.sample_semi_ar(window_fn, B, L, *bad)
+
+
+def test_semi_ar_stops_drawing_windows_once_every_row_has_ended():
+    B, L, s = 2, 6, 2
+    calls = []
+    ends = iter([[-1, 5], [7, -1], [-1, -1]])
+
+    def window_fn(held):
+        calls.append(held)
+        return torch.zeros(B, L, dtype=torch.long)
+
+    def stop(ids):
+        return torch.tensor(next(ends))
+    ids, lengths = samplers.sample_semi_ar(window_fn, B, L, s, 5, stop=stop)
+    assert len(calls) == 2 and ids.shape == (B, L + s) and lengths.tolist() == [7, 5]
+
+
+# ---- variable length
+
+def test_eos_lengths_on_crafted_sequences():
+    """Check (5): a row ends right after its first EOS at a position >= max(start, 1)."""
+    E = 9
+    ids = torch.tensor([[E, 1, 2, 3, 4, 5, 6, 7],     # EOS only at 0 (the BOS, GPT-2): goes on
+                        [E, 1, E, 3, E, 5, 6, 7],     # first EOS after the BOS at 2 -> length 3
+                        [1, E, 2, 3, 4, E, 6, 7],     # EOS inside the prompt (start 3) does not count -> 6
+                        [1, 2, 3, 4, 5, 6, 7, E],     # at the last position -> 8
+                        [1, 2, 3, 4, 5, 6, 7, 8]])    # none
+    start = torch.tensor([0, 0, 3, 0, 0])
+    assert samplers.eos_lengths(ids, E, start).tolist() == [-1, 3, 6, 8, -1]
+
+
+def test_low_entropy_tail_and_the_window_rule():
+    W = samplers.ENTROPY_WINDOW
+    g = torch.Generator().manual_seed(0)
+    varied = torch.randint(200, (1, W + 40), generator=g)         # entropy ~ log 200 = 5.3 nats
+    repeated = varied.clone()
+    repeated[0, -W:] = torch.arange(W) % 30                         # the last 256 tokens: 30 ids, log 30 = 3.4
+    ids = torch.cat([varied, repeated])
+    assert samplers.low_entropy_tail(ids, 200).tolist() == [False, True]
+    assert not samplers.low_entropy_tail(ids[:, :W], 200).any()     # not longer than the window
+    assert not samplers.low_entropy_tail(ids, 35).any()             # log 35 < 4 nats: the rule is off
+    E = 250
+    ids[0, 5] = E
+    ids[1, 3] = E
+    lengths = samplers.window_stop(ids, E, torch.zeros(2, dtype=torch.long), 251)
+    assert lengths.tolist() == [6, 4]                               # the EOS rule comes first
+    ids[1, 3] = 0
+    assert samplers.window_stop(ids, E, torch.tensor([0, 0]), 251).tolist() == [6, W + 40 - W]
