@@ -225,6 +225,51 @@ def test_the_prefix_is_never_noised_and_only_the_continuation_is_scored():
     assert torch.equal(seen[:, :len(PREFIX)], x0[:, :len(PREFIX)]) and bool((seen[:, len(PREFIX):] == K).all())
 
 
+class Recording(torch.nn.Module):
+    """A backbone with fixed random logits per (row, position) that records what it is given."""
+
+    def __init__(self, vocab, seed=0):
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(()))
+        self.vocab, self.seed, self.seen = vocab, seed, []
+
+    def forward(self, x, sigma, attention_mask=None, output_rows=None):
+        self.seen.append((x.clone(), sigma.clone()))
+        g = torch.Generator().manual_seed(self.seed)
+        logits = torch.randn(x.shape[0], x.shape[1], self.vocab, generator=g, dtype=torch.float64) * 2
+        return logits[output_rows] if output_rows is not None else logits
+
+
+def test_uniform_bound_uses_the_sampled_alpha_in_noise_sigma_and_loss():
+    """DUO-base (cosine schedule): the continuation is replaced where u >= alpha_t, the prefix never;
+    the network sees sigma_t = -log alpha_t of the SAMPLED t (not a ratio recomputed from z_t == x0,
+    which leaks x0: upstream's suffix mode); the value is the DUO paper's Eq. 17 (test_losses'
+    independent form) at (alpha_t, alpha'_t) summed over the continuation, alpha and alpha' written here."""
+    from test_losses import paper_duo_loss
+    config = make_config('duo_base', time_conditioning=True, noise='cosine')
+    backbone = Recording(K)
+    module = Module(algorithms.DUOBase(config, K, K), backbone, config, K)
+    n = 6
+    x0, attn, target = rows_for(C_TRUE, n)
+    g = torch.Generator().manual_seed(3)
+    t = torch.rand(n, generator=g, dtype=torch.float64)
+    uniform = torch.rand(x0.shape, generator=g, dtype=torch.float64)
+    ids = torch.randint(0, K, x0.shape, generator=g)
+    est = module.algo.conditional_bound(module, x0, attn, target, likelihood.Draw(t, uniform, ids), 't')
+    xt, sigma = backbone.seen[-1]
+    u = (math.pi / 2) * (1 - (1 - EPS) * t)
+    alpha, dalpha = 1 - torch.cos(u), -(math.pi / 2) * (1 - EPS) * torch.sin(u)
+    assert torch.allclose(sigma, -torch.log(alpha))
+    P = len(PREFIX)
+    expected_xt = torch.where(uniform >= alpha[:, None], ids, x0)
+    assert torch.equal(xt[:, :P], x0[:, :P]) and torch.equal(xt[:, P:], expected_xt[:, P:])
+    logits = torch.randn(n, x0.shape[1], K, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2
+    for b in range(n):
+        per_token = paper_duo_loss(logits[b, P:].numpy(), x0[b, P:].numpy(), xt[b, P:].numpy(),
+                                   np.full(C, float(alpha[b])), np.full(C, float(dalpha[b])))
+        assert float(est[b]) == pytest.approx(per_token.sum(), rel=1e-5)
+
+
 # ---- the Monte Carlo estimator through Scorer --------------------------------------------------
 def request(c, key=(7,)):
     return likelihood.Request(list(PREFIX), list(c), key)
@@ -317,14 +362,14 @@ def ar_module(length=12):
     return Module(algorithms.AR(config, 9, 8), tiny_dit(True, length=length), config, 9)
 
 
-def naive_ar(backbone, prefix, continuation):
-    """sum_j log p(c_j | prefix, c_<j), one forward pass per token, [MASK] (id 8) excluded; greedy flag."""
+def naive_ar(backbone, prefix, continuation, mask_id=8):
+    """sum_j log p(c_j | prefix, c_<j), one forward pass per token, [MASK] excluded; greedy flag."""
     total, greedy = 0.0, True
     seq = list(prefix)
     for c in continuation:
         with torch.no_grad():
             logits = backbone(torch.tensor([seq]))[0, -1].double()
-        logits[8] = float('-inf')
+        logits[mask_id] = float('-inf')
         logp = torch.log_softmax(logits, -1)
         total += float(logp[c])
         greedy &= int(logits.argmax()) == c
