@@ -16,6 +16,7 @@ import likelihood
 import losses
 import noise_schedule
 import samplers
+import settings
 from errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -27,13 +28,20 @@ class Algorithm:
     causal = False   # the DiT is causal (AR): no sigma_map, no adaLN
     # What the network's outputs mean: checkpoints load into any algorithm of the same family.
     family = None
+    # The sampling.predictor values this algorithm samples with (settings.CHOICES lists them all).
+    predictors = ('ancestral', 'ancestral_cache')
 
     def __init__(self, config, vocab_size: int, mask_id: int):
         self.config = config
         self.vocab_size, self.mask_id = vocab_size, mask_id
 
     def check(self, module):
-        """Settings that depend on the module (e.g. its EMA): ConfigError when they cannot work."""
+        """Settings that depend on the module (e.g. its EMA) or on the algorithm (the sampler):
+        ConfigError when they cannot work. Runs before a checkpoint's weights load."""
+        predictor = self.config.sampling.predictor
+        if predictor not in self.predictors:
+            raise ConfigError(f"sampling.predictor={predictor} does not apply to algo={self.config.algo.name}: use "
+                              f"one of {', '.join(self.predictors)} (e.g. sampling.predictor={self.predictors[0]})")
 
     def before_batch(self, module, step: int):
         """Per-batch setup before the loss of optimizer step `step` (e.g. the distillation teacher)."""
@@ -128,14 +136,44 @@ class AR(Algorithm):
 
 
 class _Diffusion(Algorithm):
-    """Shared by the diffusion algorithms: noise schedule, time conditioning and the sampler loop."""
+    """Shared by the diffusion algorithms: noise schedule, time conditioning and the sampler loop.
+
+    Sampling (`sampling.predictor`): ancestral (ancestral_cache: MDLM's per-sequence cache) or psi,
+    the Ψ-samplers of SPEC-2 §13 on samplers.sample_diffusion's uniform or absorbing steps (`kind`).
+    An algorithm with another sampler (e.g. SEDD's analytic step) lists its predictors and
+    overrides sampler_arguments / sample.
+    """
     kind = None  # 'uniform' or 'absorbing' (samplers.sample_diffusion)
+    predictors = ('ancestral', 'ancestral_cache', 'psi')
+    # Ψ weights below 0 (sampling.psi.negative_kappa) are distributions for absorbing steps only.
+    negative_kappa = False
 
     def __init__(self, config, vocab_size, mask_id):
         super().__init__(config, vocab_size, mask_id)
         self.schedule = noise_schedule.get_schedule(config.noise)
         # False: the network always sees sigma = 0 (MDLM, and released models trained so).
         self.time_conditioning = bool(config.algo.time_conditioning)
+
+    def check(self, module):
+        super().check(module)
+        self.sampler_arguments(self.config.sampling)  # on the schedule the checkpoint brought
+
+    def sampler_arguments(self, sampling) -> dict:
+        """Keyword arguments of samplers.sample_diffusion for sampling.predictor: the per-sequence
+        cache (ancestral_cache; with psi, at the steps with kappa = 1, where it is exact), and for psi
+        the time grid and kappas (steps + 1,) float64 on the CPU (the sampler reads them as floats).
+        Cheap (a bisection and S + 1 kappas): built at every sample()."""
+        if sampling.predictor != 'psi':
+            return {'cache': sampling.predictor == 'ancestral_cache'}
+        if sampling.psi.negative_kappa and not self.negative_kappa:
+            raise ConfigError(f"sampling.psi.negative_kappa=true is for absorbing diffusion (algo=mdlm), not "
+                              f"algo={self.config.algo.name}: use sampling.psi.negative_kappa=false")
+        try:
+            grid, kappas = samplers.psi_schedule(int(sampling.steps), self.schedule.alpha,
+                                                 **settings.psi_arguments(sampling))
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        return {'cache': True, 'grid': grid, 'kappas': kappas}
 
     def sigma(self, alpha_t):
         """Network conditioning (B,): sigma_t = -log alpha_t, or 0 without time conditioning."""
@@ -162,8 +200,8 @@ class _Diffusion(Algorithm):
             logits_fn, batch_size, length, self.vocab_size,
             self.schedule.alpha, sampling.steps, kind=self.kind, mask_id=self.mask_id,
             noise_removal=sampling.noise_removal, p_nucleus=sampling.p_nucleus,
-            use_float64=sampling.use_float64, cache=sampling.predictor == 'ancestral_cache',
-            generator=generator, device=module.device, progress=progress)
+            use_float64=sampling.use_float64, generator=generator, device=module.device, progress=progress,
+            **self.sampler_arguments(sampling))
 
 
     def likelihood_levels(self, n, n_target, generator, estimator):
@@ -178,9 +216,19 @@ class _Diffusion(Algorithm):
 
 
 class MDLM(_Diffusion):
-    """Absorbing-state (masked) diffusion, SUBS parameterisation (no time conditioning by default)."""
+    """Absorbing-state (masked) diffusion, SUBS parameterisation (no time conditioning by default).
+
+    Besides ancestral and psi sampling: remdm-conf, ReMDM-conf (SPEC-2 §13.6) on the linear grid
+    (per-token kappas from the confidences of the decoded tokens; sampling.psi.* do not apply)."""
     kind = 'absorbing'
     family = 'subs'
+    predictors = (*_Diffusion.predictors, 'remdm-conf')
+    negative_kappa = True
+
+    def sampler_arguments(self, sampling):
+        if sampling.predictor == 'remdm-conf':
+            return {'remdm_conf': True, 'cache': True}  # the cache serves the final noise removal
+        return super().sampler_arguments(sampling)
 
     def corrupt(self, x0, alpha):
         """z_t ~ Cat(alpha x + (1 - alpha) e_mask): keep x0 w.p. alpha, else [MASK]."""
@@ -372,6 +420,7 @@ class Distillation(DUOBase):
         self.teacher_round = -1   # the round whose snapshot the teacher holds; -1: none yet
 
     def check(self, module):
+        super().check(module)
         if self.teacher_ema and module.ema is None:
             raise ConfigError(f"algo.teacher_ema=true needs an EMA of the student but training.ema="
                               f"{self.config.training.ema}: set training.ema (e.g. training.ema=0.999) or "

@@ -226,8 +226,9 @@ class ProgressLog(Callback):
             self.valid = None
             nll = trainer.callback_metrics.get('val/nll')
             if nll is not None:
-                progress.log.info('Validation at step %d: NLL bound %.4f nats/token (PPL <= %.2f)', trainer.global_step,
-                                  float(nll), float(trainer.callback_metrics['val/ppl']))
+                when = f' at step {trainer.global_step}' if trainer.state.fn == 'fit' else ''
+                progress.log.info('Validation%s: NLL bound %.4f nats/token (PPL <= %.2f)', when, float(nll),
+                                  float(trainer.callback_metrics['val/ppl']))
 
 
 class ValidationSamples(Callback):

@@ -42,6 +42,7 @@ import checkpoints
 import dataloader
 import hardware
 import runtime
+from atomic import atomic_write
 
 ROOT = Path(__file__).resolve().parent
 KAGGLE_WORKING = Path('/kaggle/working')
@@ -430,19 +431,24 @@ def import_previous(plan: Plan, source: str):
     """Copy a previous session's last.ckpt (and its metrics log) into the run directory, unless the
     run directory already holds a checkpoint at least as far along."""
     src = Path(source).expanduser()
-    ckpt = src if src.is_file() else src / 'checkpoints' / 'last.ckpt'
-    if not ckpt.is_file():
-        raise UsageError(f'--resume-from={source} has no checkpoint: give a last.ckpt or a run directory '
-                         f'containing checkpoints/last.ckpt (e.g. /kaggle/input/<notebook>/duo-runs/<run>)')
+    # a last.ckpt, a run directory, or the output directory holding this run's directory (a saved
+    # notebook version's /kaggle/input/<notebook>/ or .../duo-runs/)
+    candidates = [src] if src.is_file() else [src / 'checkpoints' / 'last.ckpt',
+                                              src / plan.run_dir.name / 'checkpoints' / 'last.ckpt']
+    ckpt = next((c for c in candidates if c.is_file()), None)
+    if ckpt is None:
+        raise UsageError(f'--resume-from={source} has no checkpoint: give a last.ckpt, a run directory '
+                         f'containing checkpoints/last.ckpt, or the folder holding {plan.run_dir.name}/ '
+                         f'(e.g. /kaggle/input/<notebook>/duo-runs)')
+    src = ckpt.parent.parent
     theirs, ours = checkpoint_step(ckpt), checkpoint_step(plan.last_ckpt)
     if ours is not None and ours >= theirs:
         print(f'Resume: {plan.last_ckpt} (step {ours}) is not behind {ckpt} (step {theirs}); keeping it')
         return
     plan.last_ckpt.parent.mkdir(parents=True, exist_ok=True)
-    from atomic import atomic_write
     with open(ckpt, 'rb') as f:
         atomic_write(plan.last_ckpt, lambda out: shutil.copyfileobj(f, out, 16 * 2 ** 20))
-    history = (src if src.is_dir() else ckpt.parent.parent) / 'logs' / 'metrics.csv'
+    history = src / 'logs' / 'metrics.csv'
     if history.is_file():  # main.py continues it from the checkpoint's step
         (plan.run_dir / 'logs').mkdir(parents=True, exist_ok=True)
         shutil.copyfile(history, plan.run_dir / 'logs' / 'metrics.csv')
@@ -540,7 +546,8 @@ def plot_history(history: Path, png: Path, title: str) -> bool:
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, points in series.items():
         xs, ys = zip(*points)
-        ax.plot(xs, ys, marker='o' if label.startswith('validation') else None, label=label)
+        # markers where there are few points: a line of one point draws nothing
+        ax.plot(xs, ys, marker='o' if label.startswith('validation') or len(xs) < 50 else None, label=label)
     ax.set_xlabel('step')
     ax.set_ylabel('nats per token')
     ax.set_title(title)

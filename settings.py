@@ -9,14 +9,16 @@ import re
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+import noise_schedule
 import runtime
+import samplers
 from errors import ConfigError
 
 MODES = ('train', 'ppl_eval', 'sample_eval')
 # Enumerated settings: {key: (allowed values, example)}. Algorithm-specific ones are checked by
 # their algorithm (algorithms.py), data ones by dataloader.py.
 CHOICES = {
-    'sampling.predictor': (('ancestral', 'ancestral_cache'), 'ancestral'),
+    'sampling.predictor': (('ancestral', 'ancestral_cache', 'psi', 'remdm-conf'), 'ancestral'),
     'sampling.noise_removal': (('ancestral', 'greedy', 'none'), 'ancestral'),
     'algo.backbone': (('dit', 'hf_dit'), 'dit'),
     'model.attn_backend': (runtime.ATTN_BACKENDS, 'auto'),
@@ -117,6 +119,7 @@ def resolve(config: DictConfig) -> DictConfig:
     if setting_int(config, 'sampling.num_sample_batches', 2) < 1:
         raise ConfigError(f"sampling.num_sample_batches={config.sampling.num_sample_batches} must be >= 1 "
                           f"(e.g. sampling.num_sample_batches=2)")
+    check_psi(config)
     if config.mode == 'train':
         for key, low, example in (('trainer.max_steps', 1, 100000), ('checkpointing.every_n_train_steps', 1, 5000),
                                   ('checkpointing.keep_last', 0, 3), ('training.max_nonfinite_steps', 1, 25)):
@@ -127,6 +130,33 @@ def resolve(config: DictConfig) -> DictConfig:
                               f"e.g. training.ema=0.9999)")
         max_time_seconds(t.max_time)
     return config
+
+
+def check_psi(config):
+    """sampling.psi.*, before any checkpoint or model loads: the kappa modes and fractions always (a
+    typo fails at once), and with sampling.predictor=psi the whole schedule of sampling.steps on the
+    configured noise schedule (a checkpoint's own schedule can only move an '-inv' plateau: the
+    algorithm builds the schedule again from it, algorithms._Diffusion)."""
+    psi = config.sampling.psi
+    for key in ('rescale_compat', 'negative_kappa'):
+        if not isinstance(psi[key], bool):
+            raise ConfigError(f"sampling.psi.{key}={psi[key]} must be true or false (e.g. sampling.psi.{key}=false)")
+    for key, example in (('high_frac', 0.2), ('middle_frac', 0.6)):
+        setting_float(config, f'sampling.psi.{key}', example)
+    try:
+        for key in ('high_mode', 'middle_mode', 'low_mode'):
+            samplers.parse_kappa_mode(psi[key], f'sampling.psi.{key}')
+        samplers.psi_segment_sizes(1, float(psi.high_frac), float(psi.middle_frac))
+        if config.sampling.predictor == 'psi':
+            samplers.psi_schedule(int(config.sampling.steps), noise_schedule.get_schedule(config.noise).alpha,
+                                  **psi_arguments(config.sampling))
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+def psi_arguments(sampling) -> dict:
+    """The keyword arguments of samplers.psi_schedule from sampling.psi.* (the keys are its arguments)."""
+    return {key: (float(value) if key.endswith('_frac') else value) for key, value in sampling.psi.items()}
 
 
 def batch_summary(config) -> str:

@@ -1,4 +1,4 @@
-"""Sampling throughput and the samplers' overhead on top of the network (SPEC §6).
+"""Sampling throughput and the samplers' overhead on top of the network (SPEC §6, SPEC-2 §13).
 
 For each algorithm (ar, mdlm with the per-sequence cache, duo_base) and step count, samples one
 batch from a DiT with random weights and reports tokens/s and the share of the wall time spent
@@ -6,9 +6,15 @@ outside the backbone's forward passes. Target: the sampler adds at most 15% to t
 The same run times an upstream-style reference (`naive`): float64 probabilities over the whole
 vocabulary, a one-hot posterior (B, L, K) per step, float64 Gumbel draws over all of it, MDLM
 caching decided for the whole batch, AR recomputing the whole prefix for every token.
+For the diffusion models it also times the Ψ-sampler (`psi`, sampling.predictor=psi with the
+published ReMDM-cap setting, max-capped-0.01 on the linear grid: kappa < 1 at every step, so
+every step is a Ψ-step and MDLM's network sees the whole batch); "vs ancestral" is its wall time
+over ours' (same steps; target: at most 1.10). --repeats alternates ours and psi and keeps the
+median of each.
 
     python bench/bench_sampling.py                      # the default preset (see --help)
     python bench/bench_sampling.py --steps 8 --length 64 --algos mdlm duo_base
+    python bench/bench_sampling.py --algos mdlm duo_base --no-naive --repeats 3   # Ψ vs ancestral
 """
 import argparse
 import json
@@ -29,6 +35,9 @@ from models.dit import DiT  # noqa: E402
 
 ALGOS = ('ar', 'mdlm', 'duo_base')
 EPS = 1e-3  # log-linear schedule alpha_t = 1 - (1 - eps) t
+# The Ψ rows: the published ReMDM-cap setting (SPEC-2 §13.5), the sampling.psi.* keys.
+PSI = dict(time_profile='linear', high_mode='max-capped-0.01', middle_mode='max-capped-0.01',
+           low_mode='max-capped-0.01', high_frac=0.0, middle_frac=0.0)
 
 
 def alpha_fn(t):
@@ -70,7 +79,7 @@ def random_dit(args, causal, device):
 
 # ---------------------------------------------------------------------------- ours
 
-def ours(algo, model, args, steps, timer, generator):
+def ours(algo, model, args, steps, timer, generator, psi=False):
     mask_id = args.vocab - 1
     if algo == 'ar':
         cache = model.init_kv_cache(args.batch, args.length)
@@ -89,9 +98,14 @@ def ours(algo, model, args, steps, timer, generator):
         logits_fn = timer.wrap(lambda z, t: model(z, torch.zeros_like(t), out=out(z)))
     else:
         logits_fn = timer.wrap(lambda z, t: model(z, -torch.log(alpha_fn(t)), out=out(z)))
+    grid, kappas = samplers.psi_schedule(steps, alpha_fn, **PSI) if psi else (None, None)
     return samplers.sample_diffusion(logits_fn, args.batch, args.length, args.vocab, alpha_fn, steps,
                                      kind='absorbing' if algo == 'mdlm' else 'uniform', mask_id=mask_id,
-                                     cache=True, generator=generator, device=args.device)
+                                     cache=True, generator=generator, device=args.device, grid=grid, kappas=kappas)
+
+
+def psi(algo, model, args, steps, timer, generator):
+    return ours(algo, model, args, steps, timer, generator, psi=True)
 
 
 # ---------------------------------------------------------------------------- upstream-style reference
@@ -150,13 +164,16 @@ def naive(algo, model, args, steps, timer, generator):
 
 # ---------------------------------------------------------------------------- driver
 
+SAMPLERS = {'ours': ours, 'psi': psi, 'naive': naive}
+
+
 def measure(kind, algo, model, args, steps):
     timer = Timer(args.device)
     generator = torch.Generator(args.device).manual_seed(0)
     timer.sync()
     start = time.perf_counter()
     with torch.no_grad():
-        out = (ours if kind == 'ours' else naive)(algo, model, args, steps, timer, generator)
+        out = SAMPLERS[kind](algo, model, args, steps, timer, generator)
     timer.sync()
     total = time.perf_counter() - start
     assert out.shape == (args.batch, args.length)
@@ -183,6 +200,9 @@ def main(argv=None):
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--threads', type=int, default=0, help='torch CPU threads (0: torch default)')
     parser.add_argument('--no-naive', action='store_true', help='skip the upstream-style reference')
+    parser.add_argument('--no-psi', action='store_true', help='skip the Ψ-sampler rows')
+    parser.add_argument('--repeats', type=int, default=1,
+                        help='runs of ours and psi per row (alternating; the median is kept); naive runs once')
     parser.add_argument('--out', type=Path, default=ROOT / 'bench' / 'results')
     args = parser.parse_args(argv)
     args.device = torch.device(args.device)
@@ -198,23 +218,37 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"sampling-{args.device.type}-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
     header = (f"{'algo':9} {'sampler':7} {'steps':>5} {'fwd rows':>8} {'total s':>8} {'fwd s':>8} "
-              f"{'outside':>8} {'overhead':>8} {'tok/s':>8} {'speed-up':>8}")
+              f"{'outside':>8} {'overhead':>8} {'tok/s':>8} {'speed-up':>8} {'vs ancestral':>12}")
     print(header)
     print('-' * len(header))
-    kinds = ('ours',) if args.no_naive else ('ours', 'naive')
     for algo in args.algos:
         model = random_dit(args, algo == 'ar', args.device)
-        warm = argparse.Namespace(**{**vars(args), 'length': min(args.length, 8)})
+        # AR's warm-up is a whole (short) sequence; a diffusion one is one full-size step (it also
+        # maps the logits buffer, whose first use otherwise slows the first timed run)
+        warm = argparse.Namespace(**{**vars(args), 'length': min(args.length, 8)}) if algo == 'ar' else args
+        repeated = ('ours',) if algo == 'ar' or args.no_psi else ('ours', 'psi')
+        kinds = repeated if args.no_naive else (*repeated, 'naive')
         for kind in kinds:  # first calls allocate and spin up thread pools: not timed
             measure(kind, algo, model, warm, 1)
         for steps in ([args.length - 1] if algo == 'ar' else args.steps):
-            results = [measure(kind, algo, model, args, steps) for kind in kinds]
-            if len(results) == 2:
-                results[0]['speedup_vs_naive'] = results[1]['total_s'] / results[0]['total_s']
+            runs = {kind: [] for kind in kinds}
+            for _ in range(max(args.repeats, 1)):
+                for kind in repeated:
+                    runs[kind].append(measure(kind, algo, model, args, steps))
+            if not args.no_naive:
+                runs['naive'].append(measure('naive', algo, model, args, steps))
+            results = [sorted(runs[kind], key=lambda r: r['total_s'])[(len(runs[kind]) - 1) // 2] for kind in kinds]
+            by_kind = dict(zip(kinds, results))
             for r in results:
+                r['repeats'] = len(runs[r['sampler']])
+                if 'naive' in by_kind and r['sampler'] != 'naive':
+                    r['speedup_vs_naive'] = by_kind['naive']['total_s'] / r['total_s']
+                if r['sampler'] == 'psi':
+                    r['vs_ancestral'] = r['total_s'] / by_kind['ours']['total_s']
                 print(f"{r['algo']:9} {r['sampler']:7} {r['steps']:5d} {r['forward_rows']:8d} {r['total_s']:8.2f} "
                       f"{r['forward_s']:8.2f} {r['outside_share']:8.1%} {r['overhead_vs_forward']:8.1%} "
-                      f"{r['tokens_per_s']:8.1f} {r.get('speedup_vs_naive', float('nan')):8.2f}", flush=True)
+                      f"{r['tokens_per_s']:8.1f} {r.get('speedup_vs_naive', float('nan')):8.2f} "
+                      f"{r.get('vs_ancestral', float('nan')):12.3f}", flush=True)
             record['results'] += results
             record['load_average_at_end'] = os.getloadavg()[0]
             path.write_text(json.dumps(record, indent=2) + '\n')  # after every row: a long run keeps its rows

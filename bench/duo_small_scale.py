@@ -88,6 +88,21 @@ class Runner:
         print(f'    done in {self.seconds[name]:.0f} s', flush=True)
 
 
+def common_overrides(work: Path, eval_batch: int = 64) -> list:
+    """Data, model and loader of every run of the small-scale benches (bench/psi_small_scale.py too)."""
+    return ['data=local', f'data.train_files={CORPUS}', 'data.valid_docs=500', 'data.tokenizer_name_or_path=text8',
+            f'data.cache_dir={work / "cache"}', 'model=micro', 'model.length=64', 'model.hidden_size=96',
+            'model.n_blocks=3', 'model.n_heads=4', 'model.cond_dim=64', 'loader.global_batch_size=32',
+            f'loader.eval_batch_size={eval_batch}', 'loader.num_workers=0', 'trainer.num_sanity_val_steps=0']
+
+
+def training_overrides(steps: int) -> list:
+    """The training recipe of the small-scale models (AR, DUO-base, DUO, MDLM)."""
+    return ['optim.lr=1e-3', 'lr_scheduler.num_warmup_steps=100', 'training.ema=0.99',
+            f'trainer.max_steps={steps}', f'trainer.val_check_interval={max(steps // 4, 1)}',
+            'trainer.limit_val_batches=8', f'checkpointing.every_n_train_steps={steps}']
+
+
 def val_curve(run_dir: Path):
     """[(step, val/nll)] logged during training (EMA weights, trainer.limit_val_batches)."""
     with open(run_dir / 'logs' / 'metrics.csv') as f:
@@ -99,12 +114,12 @@ def data_reference(overrides, judge_path, n_blocks):
     samples "close to the data" would score."""
     from hydra import compose, initialize_config_dir
     import dataloader
-    import main as entry
     import metrics
+    import settings
     with initialize_config_dir(config_dir=str(ROOT / 'configs'), version_base=None):
         config = compose(config_name='config', overrides=['mode=ppl_eval', 'algo=ar', 'trainer.accelerator=cpu',
                                                           *overrides])
-    config = entry.resolve_config(config)
+    config = settings.resolve(config)
     tokenizer = dataloader.get_tokenizer(config)
     _, valid = dataloader.get_dataloaders(config, tokenizer)
     batches = []
@@ -145,13 +160,8 @@ def main():
     curriculum_gammas, curriculum_alphas = mapped_gammas(PAPER_CURRICULUM)
     distill_gammas, distill_alphas = mapped_gammas(PAPER_DISTILLATION)
     eval_batch = 64
-    common = ['data=local', f'data.train_files={CORPUS}', 'data.valid_docs=500', 'data.tokenizer_name_or_path=text8',
-              f'data.cache_dir={work / "cache"}', 'model=micro', 'model.length=64', 'model.hidden_size=96',
-              'model.n_blocks=3', 'model.n_heads=4', 'model.cond_dim=64', 'loader.global_batch_size=32',
-              f'loader.eval_batch_size={eval_batch}', 'loader.num_workers=0', 'trainer.num_sanity_val_steps=0']
-    training = ['optim.lr=1e-3', 'lr_scheduler.num_warmup_steps=100', 'training.ema=0.99',
-                f'trainer.max_steps={args.steps}', f'trainer.val_check_interval={max(args.steps // 4, 1)}',
-                'trainer.limit_val_batches=8', f'checkpointing.every_n_train_steps={args.steps}']
+    common = common_overrides(work, eval_batch)
+    training = training_overrides(args.steps)
     seed = args.seeds[0]
     common_seed = [*common, f'seed={seed}']
     dirs = {name: work / name for name in ('ar', 'duo_base', 'duo', 'distilled')}

@@ -34,9 +34,10 @@ def test_bench_sampling_reports_throughput_and_overhead_per_algorithm(tmp_path):
     record = json.loads(next(tmp_path.glob('sampling-*.json')).read_text())
     rows = {(r['algo'], r['sampler'], r['steps']) for r in record['results']}
     assert rows == {('ar', s, 15) for s in ('ours', 'naive')} | {
-        (a, s, 4) for a in ('mdlm', 'duo_base') for s in ('ours', 'naive')}
+        (a, s, 4) for a in ('mdlm', 'duo_base') for s in ('ours', 'psi', 'naive')}
     for row in record['results']:
         assert row['tokens_per_s'] > 0 and 0 <= row['outside_share'] < 1
+        assert ('vs_ancestral' in row) == (row['sampler'] == 'psi')
 
 
 @pytest.mark.slow

@@ -84,15 +84,7 @@ def test_too_few_blocks_for_a_batch():
         next(iter(dataloader.TrainBatchSampler(5, 8, seed=0)))
 
 
-# ---- workers and pinned memory --------------------------------------------------------------
-@pytest.mark.parametrize('cpus, devices, accelerator, expected', [
-    (2, 1, 'cpu', 1), (1, 1, 'cpu', 0), (64, 1, 'gpu', 4), (16, 8, 'gpu', 1), (16, '0,1', 'gpu', 4),
-    (8, [0, 1, 2, 3], 'gpu', 1)])
-def test_default_num_workers(monkeypatch, cpus, devices, accelerator, expected):
-    monkeypatch.setattr(runtime, 'cpus', lambda: cpus)
-    assert runtime.default_num_workers(loader_config(devices=devices, accelerator=accelerator).trainer) == expected
-
-
+# ---- pinned memory ------------------------------------------------------------------------
 def test_pin_memory_only_on_gpu(tmp_path):
     dataset = dataloader.BlockDataset(make_cache(tmp_path / 'c', 8))
     sampler = dataloader.EvalBatchSampler(8, 4)

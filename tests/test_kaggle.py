@@ -297,6 +297,17 @@ def test_dry_run_on_this_cpu_plans_fp32(capsys, tmp_path):
     assert 'mode=ppl_eval' not in out
 
 
+@pytest.mark.parametrize('algo', sorted(__import__('algorithms').ALGORITHMS))
+def test_every_algorithm_runs_through_the_setup_check_and_the_plan(algo, capsys, tmp_path):
+    """The setup check's training step (two optimizer steps through diffusion.StepRunner, what the GPU
+    probe runs too) and kaggle_train.py's plan work for every registered algorithm."""
+    detail = setup.check_training_step(hardware.preset('cpu'), '32', algo)
+    assert f'algo={algo} on cpu in 32' in detail and 'weight tensors updated' in detail
+    code, out, err = dry_run(capsys, '--output-dir', str(tmp_path), '--algo', algo, '--stages', 'train')
+    assert code == 0, err
+    assert f'algo={algo}' in train_command(out)
+
+
 def test_dry_run_on_ampere_uses_bf16_and_passes_overrides_last(capsys, tmp_path):
     code, out, _ = dry_run(capsys, '--assume-gpu', 'a100-80', '--algo', 'mdlm', '--output-dir', str(tmp_path),
                            'optim.lr=1e-4', 'model.length=256')

@@ -13,7 +13,6 @@ import sys
 import numpy as np
 import pytest
 
-import callbacks
 from conftest import ROOT
 
 ALPHABET = 'abcd '
@@ -146,26 +145,6 @@ def test_diffusion_bound_is_never_below_the_source_entropy(markov_corpus, tmp_pa
     pi = stationary(TRANSITIONS)
     unigram = -float(np.log(pi)[[ALPHABET.index(c) for c in valid[:n_blocks * (LENGTH - 2)]]].sum())
     assert result['nll'] < unigram / result['tokens'], (result['nll'], unigram / result['tokens'])
-
-
-def test_metrics_log_continues_across_resumes(tmp_path):
-    """A resumed run keeps the rows its checkpoint had reached and drops the later ones."""
-    import csv
-    logs = tmp_path / 'logs'
-    logs.mkdir()
-    with open(logs / 'metrics.csv', 'w', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=['step', 'train/loss', 'val/nll'])
-        writer.writeheader()
-        writer.writerows([{'step': 9, 'train/loss': 3.0}, {'step': 19, 'train/loss': 2.0},
-                          {'step': 19, 'val/nll': 2.5}, {'step': 29, 'train/loss': 1.0}])
-    logger = callbacks.run_history_logger(tmp_path, resume_step=20)  # the checkpoint is at step 20
-    logger.log_metrics({'train/loss': 1.5}, step=29)
-    logger.log_metrics({'train/lr': 0.1}, step=39)  # a new column
-    logger.save()
-    with open(logs / 'metrics.csv', newline='') as f:
-        rows = [(r['step'], r['train/loss'], r['val/nll'], r['train/lr']) for r in csv.DictReader(f)]
-    assert rows == [('9', '3.0', '', ''), ('19', '2.0', '', ''), ('19', '', '2.5', ''), ('29', '1.5', '', ''),
-                    ('39', '', '', '0.1')]
 
 
 @pytest.mark.slow

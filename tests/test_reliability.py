@@ -232,6 +232,60 @@ def test_sigterm_and_sigint_save_last_ckpt_before_exiting(runner, corpus, tmp_pa
     assert checkpoints.read_progress(run_dir / 'checkpoints' / 'last.ckpt')[0] == stopped
 
 
+@pytest.mark.slow
+def test_a_second_signal_stops_at_once(runner, corpus, tmp_path):
+    """Ctrl-C twice: the first asks for a clean stop after the current step, the second stops now;
+    the checkpoints on disk are whole (atomic writes)."""
+    run_dir = tmp_path / 'run'
+    argv = train_args(corpus, run_dir, 'mdlm') + ['trainer.max_steps=100000', 'checkpointing.every_n_train_steps=2',
+                                                  'loader.global_batch_size=64']  # slow steps: the second signal lands inside one
+    log = tmp_path / 'run.log'
+    pid = runner.start(argv, log)
+    deadline = time.monotonic() + 90
+    while not (run_dir / 'checkpoints' / 'step-2.ckpt').exists():
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGINT)
+    while 'Received SIGINT' not in log.read_text():
+        assert time.monotonic() < deadline + 30, log.read_text()[-3000:]
+        time.sleep(0.01)
+    sent = time.monotonic()
+    os.kill(pid, signal.SIGINT)
+    assert runner.wait(pid, timeout=30) == -signal.SIGINT  # the default action: no clean-up, no save
+    assert time.monotonic() - sent < 10
+    for path in (run_dir / 'checkpoints').glob('*.ckpt'):
+        checkpoints.read_checkpoint(path)
+
+
+@pytest.mark.parametrize('validated', [False, True])
+def test_a_run_interrupted_before_its_first_step_leaves_no_empty_run_directory(tmp_path, capsys, validated):
+    """Ctrl-C before training began: a new run directory is removed (its log was still held back); one
+    whose inputs were already validated keeps a log that says why."""
+    import logging
+    from omegaconf import OmegaConf
+    run_dir = tmp_path / 'new_run'
+    run_dir.mkdir()
+    handler = logging.FileHandler(run_dir / 'main.log')  # what Hydra opens for a run
+    logging.getLogger().addHandler(handler)
+
+    def interrupted(config, run_dir):
+        if validated:
+            cli.begin_run(config, run_dir)
+        raise KeyboardInterrupt
+
+    try:
+        with pytest.raises(SystemExit) as stop:
+            cli.run(interrupted, OmegaConf.create({'mode': 'train'}), run_dir)
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+    assert stop.value.code == 128 + signal.SIGINT and 'error: interrupted' in capsys.readouterr().err
+    if validated:
+        assert 'Interrupted before training began: nothing was saved' in (run_dir / 'main.log').read_text()
+    else:
+        assert not run_dir.exists()
+
+
 # ---- bad input: one line, exit code 2, no file of an existing run modified --------------------
 K_TEXT8 = 35  # the text8 tokenizer's vocabulary
 
@@ -325,6 +379,13 @@ def bad_input_cases(d: Path, corpus_dir: Path):
         ('training steps < 1', ['trainer.max_steps=0', *run], {}),
         ('keep_last < 0', ['checkpointing.keep_last=-1', *run], {}),
         ('max_time malformed', ['trainer.max_time=12h', *run], {}),
+        # checked before the checkpoint is read: the missing one is never reported
+        ('malformed kappa mode', [*sample, f'eval.checkpoint_path={d}/nowhere.ckpt', 'sampling.predictor=psi',
+                                  'sampling.psi.middle_mode=constant-remdm-eta'], {}),
+        ('psi predictor for AR', [*sample, f'eval.checkpoint_path={d}/good.ckpt', 'algo=ar', 'sampling.predictor=psi'],
+         {}),
+        ('negative kappa for a uniform model', [*sample, f'eval.checkpoint_path={d}/good.ckpt', 'algo=duo_base',
+                                                'sampling.predictor=psi', 'sampling.psi.negative_kappa=true'], {}),
     ]
 
 
@@ -392,6 +453,12 @@ MESSAGES = {
     'training steps < 1': 'trainer.max_steps=0 must be >= 1 (e.g. trainer.max_steps=100000)',
     'keep_last < 0': 'checkpointing.keep_last=-1 must be >= 0 (e.g. checkpointing.keep_last=3)',
     'max_time malformed': 'trainer.max_time=12h is not DD:HH:MM:SS (e.g. trainer.max_time=00:11:30:00)',
+    'malformed kappa mode': "sampling.psi.middle_mode=constant-remdm-eta: 'eta' after 'constant-remdm-' must be a "
+                            "number >= 0 (e.g. sampling.psi.middle_mode=constant-remdm-0.01)",
+    'psi predictor for AR': 'sampling.predictor=psi does not apply to algo=ar: use one of ancestral, ancestral_cache '
+                            '(e.g. sampling.predictor=ancestral)',
+    'negative kappa for a uniform model': 'sampling.psi.negative_kappa=true is for absorbing diffusion (algo=mdlm), '
+                                          'not algo=duo_base: use sampling.psi.negative_kappa=false',
 }
 
 

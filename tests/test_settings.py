@@ -1,0 +1,76 @@
+"""settings.py: the sampling.psi.* keys are checked when the config resolves, before any checkpoint
+or model loads (SPEC-2 §13), with one line naming the key and a valid example."""
+import pytest
+from hydra import compose, initialize_config_dir
+
+import settings
+from conftest import ROOT
+from errors import ConfigError
+
+
+def resolve(*overrides):
+    with initialize_config_dir(config_dir=str(ROOT / 'configs'), version_base=None):
+        config = compose(config_name='config', overrides=['mode=sample_eval', 'trainer.accelerator=cpu', *overrides])
+    return settings.resolve(config)
+
+
+PSI = 'sampling.predictor=psi'
+
+
+@pytest.mark.parametrize('overrides, message', [
+    (['sampling.psi.high_mode=max-caped-0.01'],
+     'sampling.psi.high_mode=max-caped-0.01 is unknown: use one of pure-posterior, pure-pc, constant-<eta>, '
+     'constant-remdm-<eta>, max-capped-<eta>, max-rescale-<eta> (e.g. sampling.psi.high_mode=pure-posterior)'),
+    (['sampling.psi.middle_mode=constant-remdm-eta'],
+     "sampling.psi.middle_mode=constant-remdm-eta: 'eta' after 'constant-remdm-' must be a number >= 0 "
+     "(e.g. sampling.psi.middle_mode=constant-remdm-0.01)"),
+    (['sampling.psi.low_mode=constant-1.5'],
+     "sampling.psi.low_mode=constant-1.5: '1.5' after 'constant-' must be a number in [0, 1] "
+     "(e.g. sampling.psi.low_mode=constant-0.01)"),
+    (['sampling.psi.high_frac=-0.1'], 'sampling.psi.high_frac=-0.1 must be in [0, 1] (e.g. sampling.psi.high_frac=0.5)'),
+    (['sampling.psi.middle_frac=half'], 'sampling.psi.middle_frac=half must be a number (e.g. sampling.psi.middle_frac=0.6)'),
+    (['sampling.psi.rescale_compat=maybe'],
+     'sampling.psi.rescale_compat=maybe must be true or false (e.g. sampling.psi.rescale_compat=false)'),
+    ([PSI, 'sampling.psi.time_profile=cosine'],
+     'sampling.psi.time_profile=cosine is unknown: use one of linear, linear-constant-linear-<c>, '
+     'linear-constant-linear-<alpha level>-inv (e.g. sampling.psi.time_profile=linear-constant-linear-0.9-inv)'),
+    ([PSI, 'sampling.psi.time_profile=linear-constant-linear-x-inv'],
+     "sampling.psi.time_profile=linear-constant-linear-x-inv: 'x' after 'linear-constant-linear-' must be a number "
+     "(e.g. sampling.psi.time_profile=linear-constant-linear-0.9-inv)"),
+    ([PSI, 'sampling.psi.high_frac=0.7', 'sampling.psi.middle_frac=0.6'],
+     'sampling.psi.high_frac=0.7 + sampling.psi.middle_frac=0.6 must not exceed 1 '
+     '(e.g. sampling.psi.high_frac=0.2 sampling.psi.middle_frac=0.6)'),
+])
+def test_bad_psi_settings_give_one_line_naming_the_key(overrides, message):
+    with pytest.raises(ConfigError) as error:
+        resolve(*overrides)
+    assert str(error.value) == message
+
+
+def test_mode_strings_are_checked_whatever_the_predictor():
+    """A typo in sampling.psi.* is reported even when another predictor runs (it would be silently unused)."""
+    with pytest.raises(ConfigError, match='sampling.psi.low_mode=pure_posterior is unknown'):
+        resolve('sampling.predictor=ancestral', 'sampling.psi.low_mode=pure_posterior')
+
+
+def test_the_schedule_is_checked_for_psi_only():
+    """The loop profile needs points in its high and low segments: 4 steps -> 5 points, fracs 0.6 / 0.4
+    give n_lo = 0. That depends on sampling.steps, so it only matters when psi samples."""
+    loop = ['sampling.steps=4', 'sampling.psi.time_profile=linear-constant-linear-0.9-inv',
+            'sampling.psi.high_frac=0.6', 'sampling.psi.middle_frac=0.4']
+    resolve('sampling.predictor=ancestral', *loop)
+    with pytest.raises(ConfigError) as error:
+        resolve(PSI, *loop)
+    assert str(error.value) == (
+        'sampling.psi.time_profile=linear-constant-linear-0.9-inv needs at least one point in the high and the low '
+        'segments; sampling.steps=4, sampling.psi.high_frac=0.6 and sampling.psi.middle_frac=0.4 give 3 and 0 '
+        '(e.g. sampling.psi.high_frac=0.45 sampling.psi.middle_frac=0.5)')
+
+
+def test_psi_arguments_are_the_keys_of_psi_schedule():
+    config = resolve(PSI, 'sampling.psi.high_frac=0', 'sampling.psi.middle_mode=constant-remdm-0.01')
+    assert settings.psi_arguments(config.sampling) == {
+        'time_profile': 'linear', 'high_mode': 'pure-posterior', 'middle_mode': 'constant-remdm-0.01',
+        'low_mode': 'pure-posterior', 'high_frac': 0.0, 'middle_frac': 0.6, 'rescale_compat': False,
+        'negative_kappa': False}
+    assert isinstance(settings.psi_arguments(config.sampling)['high_frac'], float)
