@@ -41,6 +41,7 @@ from errors import CheckpointError, ConfigError, DataError
 log = logging.getLogger('duo')
 ROOT = Path(__file__).resolve().parent
 UPSTREAM_IGNORED = ('loss_avg_mode', 'num_proc', 'max_length', 'pretrained')
+LM_EVAL_PASSED = ('trust_remote_code',)  # lm-eval's --trust_remote_code: checkpoints are read without code anyway
 
 
 def load(checkpoint_path: str, device: torch.device):
@@ -86,6 +87,8 @@ class DLM(TemplateLM):
                  seed=0, precision='auto', max_batch_size=None, **kwargs):
         super().__init__()
         _show_logs()
+        for name in LM_EVAL_PASSED:
+            kwargs.pop(name, None)
         unknown = sorted(set(kwargs) - set(UPSTREAM_IGNORED))
         if unknown:
             raise ConfigError(f'model_args {", ".join(unknown)} unknown to --model dlm: use checkpoint_path, '

@@ -4,7 +4,7 @@ DiTs with random weights score multiple-choice-shaped requests ([BOS] + context 
 continuation of --continuation tokens): AR exactly (one forward pass per request), the diffusion
 models with --samples Monte Carlo samples per request (mdlm: t and LLaDA forms, duo_base: t), greedy
 flags included. Reported: requests/s, sequences/s through the network, and each row's time per
-request relative to AR. With --checkpoint, also the standard errors of a trained model's
+request relative to AR (medians of --repeats round-robin passes). With --checkpoint, also the standard errors of a trained model's
 log-likelihoods on the local task (tests/lm_eval_tasks/duo_local_mc.jsonl) at each sample count.
 
     python bench/bench_harness.py                                  # the default preset (see --help)
@@ -58,28 +58,38 @@ def requests(args):
     return out
 
 
-def measure(algo, estimator, samples, args, reqs):
-    module = random_model(algo, args)
-    scorer = likelihood.Scorer(module, args.batch, samples, 't' if estimator == 'exact' else estimator,
-                               precision=args.precision, show_progress=False)
-    calls = [0]
-    forward = module.backbone.forward
+class Row:
+    """One estimator on its own random model, timed by `run` (forward rows counted)."""
 
-    def counted(x, *a, **k):
-        calls[0] += x.shape[0]
-        return forward(x, *a, **k)
-    module.backbone.forward = counted
-    scorer.score(reqs[:2])  # warm-up
-    calls[0] = 0
-    sync = torch.cuda.synchronize if args.device.type == 'cuda' else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    scores = scorer.score(reqs)
-    sync()
-    seconds = time.perf_counter() - start
-    return {'algo': algo, 'estimator': estimator, 'samples': 0 if estimator == 'exact' else samples,
-            'requests': len(reqs), 'seconds': seconds, 'requests_per_s': len(reqs) / seconds,
-            'sequences_per_s': calls[0] / seconds, 'mean_ll': float(np.mean([s.ll for s in scores]))}
+    def __init__(self, algo, estimator, samples, args, reqs):
+        self.algo, self.estimator, self.samples, self.reqs = algo, estimator, samples, reqs
+        self.module = random_model(algo, args)
+        self.scorer = likelihood.Scorer(self.module, args.batch, samples, 't' if estimator == 'exact' else estimator,
+                                        precision=args.precision, show_progress=False)
+        self.sync = torch.cuda.synchronize if args.device.type == 'cuda' else (lambda: None)
+        self.rows, self.seconds = 0, []
+        forward = self.module.backbone.forward
+
+        def counted(x, *a, **k):
+            self.rows += x.shape[0]
+            return forward(x, *a, **k)
+        self.module.backbone.forward = counted
+        self.scorer.score(reqs[:2])  # warm-up
+
+    def run(self):
+        self.rows = 0
+        self.sync()
+        start = time.perf_counter()
+        self.scores = self.scorer.score(self.reqs)
+        self.sync()
+        self.seconds.append(time.perf_counter() - start)
+
+    def record(self):
+        seconds = float(np.median(self.seconds))
+        return {'algo': self.algo, 'estimator': self.estimator,
+                'samples': 0 if self.estimator == 'exact' else self.samples, 'requests': len(self.reqs),
+                'seconds': seconds, 'seconds_each_repeat': self.seconds, 'requests_per_s': len(self.reqs) / seconds,
+                'sequences_per_s': self.rows / seconds, 'mean_ll': float(np.mean([s.ll for s in self.scores]))}
 
 
 def standard_errors(path, samples, args):
@@ -115,7 +125,8 @@ def main(argv=None):
     parser.add_argument('--vocab', type=int, default=50258, help='K (the last id is the [MASK], the one before BOS)')
     parser.add_argument('--context', type=int, default=60, help='context tokens per request (after BOS)')
     parser.add_argument('--continuation', type=int, default=12)
-    parser.add_argument('--requests', type=int, default=16)
+    parser.add_argument('--requests', type=int, default=8)
+    parser.add_argument('--repeats', type=int, default=3, help='timed passes per row (median reported)')
     parser.add_argument('--batch', type=int, default=64, help='sequences per forward pass (lm-eval --batch_size)')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--precision', default='32')
@@ -133,16 +144,19 @@ def main(argv=None):
               'preset': {k: v for k, v in vars(args).items() if k not in ('out', 'device', 'checkpoint')},
               'results': [], 'standard_errors': []}
     reqs = requests(args)
+    rows = [Row(algo, estimator, n, args, reqs) for algo, estimator in ROWS
+            for n in ([1] if estimator == 'exact' else args.samples)]
+    for _ in range(args.repeats):  # round robin: a change of the machine's load hits every row alike
+        for row in rows:
+            row.run()
     print(f"{'algo':9} {'estimator':9} {'samples':>7} {'requests/s':>11} {'sequences/s':>12} {'time vs AR':>10}")
-    ar_seconds = None
-    for algo, estimator in ROWS:
-        for n in ([1] if estimator == 'exact' else args.samples):
-            row = measure(algo, estimator, n, args, reqs)
-            ar_seconds = ar_seconds or (row['seconds'] if algo == 'ar' else None)
-            row['time_vs_ar'] = row['seconds'] / ar_seconds
-            record['results'].append(row)
-            print(f"{algo:9} {estimator:9} {row['samples']:7d} {row['requests_per_s']:11.3g} "
-                  f"{row['sequences_per_s']:12.4g} {row['time_vs_ar']:10.1f}")
+    ar_seconds = float(np.median(rows[0].seconds))
+    for row in rows:
+        result = row.record()
+        result['time_vs_ar'] = result['seconds'] / ar_seconds
+        record['results'].append(result)
+        print(f"{result['algo']:9} {result['estimator']:9} {result['samples']:7d} {result['requests_per_s']:11.3g} "
+              f"{result['sequences_per_s']:12.4g} {result['time_vs_ar']:10.1f}")
     for path in args.checkpoint:
         for row in standard_errors(path, args.samples, args):
             record['standard_errors'].append(row)
