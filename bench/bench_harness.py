@@ -4,8 +4,9 @@ DiTs with random weights score multiple-choice-shaped requests ([BOS] + context 
 continuation of --continuation tokens): AR exactly (one forward pass per request), the diffusion
 models with --samples Monte Carlo samples per request (mdlm: t and LLaDA forms, duo_base: t), greedy
 flags included. Reported: requests/s, sequences/s through the network, and each row's time per
-request relative to AR (medians of --repeats round-robin passes). With --checkpoint, also the standard errors of a trained model's
-log-likelihoods on the local task (tests/lm_eval_tasks/duo_local_mc.jsonl) at each sample count.
+request relative to AR (medians of --repeats round-robin passes). With --checkpoint, also the
+standard errors of a trained model's log-likelihoods on the local task
+(tests/lm_eval_tasks/duo_local_mc.jsonl), and its accuracy, at each sample count.
 
     python bench/bench_harness.py                                  # the default preset (see --help)
     python bench/bench_harness.py --samples 128 1024 --checkpoint outputs/<run>/checkpoints/last.ckpt
@@ -93,7 +94,7 @@ class Row:
 
 
 def standard_errors(path, samples, args):
-    """Median and mean standard error of ll over the local task's requests (its trained model)."""
+    """Accuracy on the local task and the median, mean and largest standard error of its requests' ll."""
     import harness
     from lm_eval.api.instance import Instance
     docs = [json.loads(line) for line in (ROOT / 'tests' / 'lm_eval_tasks' / 'duo_local_mc.jsonl').open()]
@@ -107,9 +108,10 @@ def standard_errors(path, samples, args):
             except ValueError:  # llada on a uniform-state or time-conditioned model
                 continue
             model.scorer.show_progress = False
-            model.loglikelihood(reqs)
+            lls = iter(ll for ll, _ in model.loglikelihood(reqs))
+            correct = [int(np.argmax([next(lls) for _ in d['choices']])) == d['label'] for d in docs]
             se = np.array([s.se for s in model.scores])
-            rows.append({'checkpoint': str(path), 'estimator': estimator, 'samples': n,
+            rows.append({'checkpoint': str(path), 'estimator': estimator, 'samples': n, 'acc': float(np.mean(correct)),
                          'se_median': float(np.median(se)), 'se_mean': float(se.mean()), 'se_max': float(se.max())})
     return rows
 
@@ -161,7 +163,8 @@ def main(argv=None):
         for row in standard_errors(path, args.samples, args):
             record['standard_errors'].append(row)
             print(f"standard error of ll, {Path(path).parent.parent.name} {row['estimator']:5} {row['samples']:5d} "
-                  f"samples: median {row['se_median']:.3g}, mean {row['se_mean']:.3g}, max {row['se_max']:.3g} nats")
+                  f"samples: median {row['se_median']:.3g}, mean {row['se_mean']:.3g}, max {row['se_max']:.3g} nats; "
+                  f"local-task acc {row['acc']:.3f}")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"harness-{args.device.type}-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(record, indent=2))
