@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 import latents
+import likelihood
 import losses
 import noise_schedule
 import runtime
@@ -85,11 +86,41 @@ class Algorithm:
         bool, tokens (B, L)): positions held at those tokens (prompts, infilling; SPEC-2 §15)."""
         raise NotImplementedError
 
+    # ---- conditional likelihood (likelihood.py; lm-eval's `dlm` model in harness.py) ---------
+    # Rows x0 (B, N) right-padded (attention_mask (B, N)); target (B, N) bool marks each row's
+    # continuation, after a prefix that is never noised (SPEC-2 §16).
+    exact_likelihood = False  # AR: exact log-likelihoods (conditional_loglik); else Monte Carlo bounds
+
+    def likelihood_estimators(self) -> tuple:
+        """The estimators (likelihood.ESTIMATORS) conditional_bound offers; () = none yet."""
+        return ()
+
+    def estimator_note(self, estimator: str) -> str:
+        """Why `estimator` does not apply (inserted into the harness's one-line error), '' when obvious."""
+        return ''
+
+    def likelihood_levels(self, n: int, n_target: int, generator, estimator: str) -> torch.Tensor:
+        """The noise levels (n,) of one request's n samples, stratified, in stratum order (its
+        standard error pairs neighbours), drawn from `generator` (CPU); n_target continuation tokens."""
+        raise NotImplementedError
+
+    def conditional_bound(self, module, x0, attention_mask, target, draw, estimator) -> torch.Tensor:
+        """One-sample estimates (B,) float32 of an upper bound on -log p(x0[target] | x0[~target]),
+        summed over each row's target positions, from draw (likelihood.Draw) row by row."""
+        raise NotImplementedError
+
+    def greedy_logits(self, module, x0, attention_mask, target, undecided, noise) -> torch.Tensor:
+        """Logits (n, K) at the n `undecided` target positions (row-major) while the other target
+        positions hold their decided (clean) ids; noise (B, N): ids for undecided positions of
+        uniform-state models (likelihood.greedy_decodes)."""
+        raise NotImplementedError
+
 
 class AR(Algorithm):
     """Autoregressive baseline: causal DiT, next-token cross-entropy."""
     causal = True
     family = 'ar'
+    exact_likelihood = True
 
     def loss(self, module, x0, attention_mask, t, step):
         logits = module.backbone(x0, attention_mask=attention_mask)
@@ -110,6 +141,17 @@ class AR(Algorithm):
                                   p_nucleus=sampling.p_nucleus, top_k=sampling.top_k,
                                   use_float64=sampling.use_float64, generator=generator,
                                   device=module.device, progress=progress, fixed=fixed)
+
+    def conditional_loglik(self, module, x0, attention_mask, target):
+        """Exact (log p(x0[target] | preceding tokens) summed per row (B,) float32, greedy (B,) bool):
+        the logits at position j-1 predict token j; the first position is never a target."""
+        rows = target[:, 1:]
+        logits = module.backbone(x0[:, :-1], attention_mask=attention_mask[:, :-1], output_rows=rows)
+        logits[:, self.mask_id] = float('-inf')  # the [MASK]/pad id is never predicted
+        ids = x0[:, 1:][rows]
+        ll = -likelihood.row_sums(losses.token_nll(logits, ids), rows)
+        misses = likelihood.row_sums((logits.argmax(-1) != ids).float(), rows)
+        return ll, misses == 0
 
 
 class _Diffusion(Algorithm):
@@ -187,6 +229,16 @@ class _Diffusion(Algorithm):
             use_float64=sampling.use_float64, generator=generator, device=module.device, progress=progress,
             fixed=fixed, **self.sampler_arguments(sampling))
 
+    def likelihood_levels(self, n, n_target, generator, estimator):
+        # times t ~ U[sampling_eps, 1], stratified as in training and validation (SPEC §3)
+        return noise_schedule.stratified_times(n, float(self.config.training.sampling_eps), generator=generator)
+
+    def _greedy_alpha(self, target, undecided):
+        """alpha (B,) whose noise fraction 1 - alpha is the undecided share of each row's target."""
+        share = undecided.sum(1) / target.sum(1).clamp(min=1)
+        floor = float(self.schedule.alpha(torch.ones(())))
+        return (1 - share.float()).clamp(min=floor)
+
 
 class _Absorbing(_Diffusion):
     """Absorbing-state (masked) diffusion: z_t keeps each token w.p. alpha_t, else [MASK]."""
@@ -227,6 +279,51 @@ class MDLM(_Absorbing):
         # Unmasked positions cost nothing (SUBS): the network computes the masked positions' logits only.
         logits = module.backbone(xt, self.sigma(alpha), attention_mask=attention_mask, output_rows=xt == self.mask_id)
         return losses.mdlm_loss(logits, x0, xt, alpha, dalpha, self.mask_id, reuse_logits=True), attention_mask
+
+    def likelihood_estimators(self):
+        # LLaDA's form equals the NELBO in expectation only for a denoiser that ignores the time
+        return ('t',) if self.time_conditioning else ('t', 'llada')
+
+    def estimator_note(self, estimator):
+        return (' (LLaDA\'s form needs a denoiser without time conditioning; this checkpoint has '
+                'algo.time_conditioning=true)' if estimator == 'llada' else '')
+
+    def likelihood_levels(self, n, n_target, generator, estimator):
+        if estimator != 'llada':
+            return super().likelihood_levels(n, n_target, generator, estimator)
+        # l = ceil(C u) with u stratified on [0, 1): l ~ U{1..C}; n = m C gives every l exactly m times
+        unit = noise_schedule.stratified_times(n, 0.0, generator=generator).double()
+        return (unit * n_target).ceil().long().clamp(1, n_target)
+
+    def conditional_bound(self, module, x0, attention_mask, target, draw, estimator):
+        """Prefix never masked; t form: target positions masked w.p. 1 - alpha_t, weight
+        -alpha'_t / (1 - alpha_t); LLaDA form: l = draw.level positions masked (a uniform l-subset),
+        weight C / l. Either way weight x sum of -log x_theta[x0] over the masked positions (SPEC-2 §16)."""
+        if estimator == 'llada':
+            masked = likelihood.lowest_k(draw.uniform, target, draw.level)
+            weight = target.sum(1) / draw.level
+            sigma = torch.zeros(x0.shape[0], device=x0.device)
+        else:
+            alpha, dalpha = self.schedule.alpha(draw.level), self.schedule.dalpha(draw.level)
+            masked = target & (draw.uniform < 1 - alpha[:, None])
+            weight = -dalpha / (1 - alpha)
+            sigma = self.sigma(alpha)
+        bound = torch.zeros(x0.shape[0], device=x0.device)
+        live = masked.any(1)  # a row with nothing masked costs nothing: no forward pass
+        if bool(live.any()):
+            m = masked[live]
+            xt = torch.where(m, self.mask_id, x0[live])
+            logits = module.backbone(xt, sigma[live], attention_mask=attention_mask[live], output_rows=m)
+            nll = losses.token_nll(logits, x0[live][m], excluded_id=self.mask_id)
+            bound[live] = weight[live].float() * likelihood.row_sums(nll, m)
+        return bound
+
+    def greedy_logits(self, module, x0, attention_mask, target, undecided, noise):
+        xt = torch.where(undecided, self.mask_id, x0)
+        logits = module.backbone(xt, self.sigma(self._greedy_alpha(target, undecided)),
+                                 attention_mask=attention_mask, output_rows=undecided)
+        logits[:, self.mask_id] = float('-inf')  # SUBS: never [MASK]
+        return logits
 
 
 class SEDD(_Absorbing):
@@ -325,6 +422,27 @@ class DUOBase(_Diffusion):
     def eval_loss(self, module, x0, attention_mask, t, step):
         # Always the exact DUO-base bound, also for its subclasses: their training losses bound nothing.
         return DUOBase.loss(self, module, x0, attention_mask, t, step)
+
+    def likelihood_estimators(self):
+        return ('t',)
+
+    def conditional_bound(self, module, x0, attention_mask, target, draw, estimator):
+        """The DUO-base NELBO (SPEC §4) of the target positions at t = draw.level, the prefix clean
+        (the §15 clamped model: a bound for any denoiser), sigma_t = -log alpha_t to the network;
+        also for DUO and distillation checkpoints (their training losses bound nothing)."""
+        t = draw.level
+        alpha, dalpha = self.schedule.alpha(t), self.schedule.dalpha(t)
+        replaced = target & (draw.uniform >= alpha[:, None])  # kept w.p. alpha, else a uniform id (maybe x0)
+        xt = torch.where(replaced, draw.ids, x0)
+        logits = module.backbone(xt, self.sigma(alpha), attention_mask=attention_mask, output_rows=target)
+        rows = target.nonzero()[:, 0]
+        per_token = losses.duo_loss(logits, x0[target], xt[target], alpha[rows], dalpha[rows])
+        return likelihood.row_sums(per_token, target)
+
+    def greedy_logits(self, module, x0, attention_mask, target, undecided, noise):
+        xt = torch.where(undecided, noise, x0)
+        return module.backbone(xt, self.sigma(self._greedy_alpha(target, undecided)),
+                               attention_mask=attention_mask, output_rows=undecided)
 
 
 # ---- the DUO curriculum's settings -----------------------------------------------------------

@@ -7,7 +7,8 @@
 # builds stay). Where none is importable: on a machine without an NVIDIA GPU the CPU build of
 # torch==2.13.0 (from PyTorch's CPU wheel index when it answers, else the default index, whose
 # Linux wheel bundles the CUDA libraries: several GB); with an NVIDIA GPU the default (CUDA) build.
-# --lm-eval also installs lm-evaluation-harness, for `lm_eval --model dlm` (README).
+# --lm-eval also installs lm-evaluation-harness and makes `lm_eval --model dlm` find harness.py
+# (lm_eval_plugin/: a .pth file in site-packages; README).
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
@@ -40,6 +41,7 @@ fi
 "$PY" -m pip install -r requirements.txt
 if [[ $LM_EVAL == 1 ]]; then
   "$PY" -m pip install -r requirements-lm-eval.txt
+  "$PY" lm_eval_plugin/duo_lm_eval.py  # lets `lm_eval --model dlm` find harness.py
 fi
 "$PY" -c "import torch, lightning, hydra, transformers, datasets; print(f'duo install ok: torch {torch.__version__}, lightning {lightning.__version__}')"
 if [[ $SYSTEM == 0 ]]; then

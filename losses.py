@@ -42,6 +42,17 @@ def ar_nll(logits: torch.Tensor, x0: torch.Tensor, excluded_id: int | None = Non
     return (log_z - picked[..., 0])[:, :-1]
 
 
+def token_nll(logits: torch.Tensor, ids: torch.Tensor, excluded_id: int | None = None) -> torch.Tensor:
+    """-log softmax(logits)[ids] per row, float32 (...): logits (..., K), ids (...) int64.
+
+    Class `excluded_id` (if any) is removed from the softmax (SUBS: the [MASK] logit is -inf).
+    One fused, blocked pass: no (..., K) intermediate (the harness scores (n, K) rows of
+    continuation positions with it, likelihood.py).
+    """
+    log_z, _, picked = _stats(logits, excluded_id=excluded_id, ids=ids[..., None])
+    return log_z - picked[..., 0]
+
+
 def mdlm_loss(logits: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, alpha_t: torch.Tensor,
               dalpha_t: torch.Tensor, mask_id: int, reuse_logits: bool = False) -> torch.Tensor:
     """Continuous-time MDLM NELBO per token, SUBS parameterisation (SPEC §4), float32 (B, L).

@@ -59,3 +59,14 @@ def test_bench_data_builds_the_cache_and_times_a_warm_start(tmp_path):
     assert (row['train_documents'], row['validation_documents']) == (180, 20)
     assert row['tokens'] > 0 and row['blocks']['train'] > 0 and row['cache_hit_s'] < row['build_s']
     assert row['fresh_process_start']['total_s'] > 0
+
+
+def test_bench_harness_reports_each_estimator_against_ar(tmp_path):
+    run_bench('bench_harness.py', *TINY_DIT, '--context', '6', '--continuation', '3', '--requests', '3', '--batch', '8',
+              '--samples', '4', '--out', str(tmp_path))
+    record = json.loads(next(tmp_path.glob('harness-*.json')).read_text())
+    rows = {(r['algo'], r['estimator'], r['samples']): r for r in record['results']}
+    assert set(rows) == {('ar', 'exact', 0), ('mdlm', 't', 4), ('mdlm', 'llada', 4), ('duo_base', 't', 4)}
+    assert rows['ar', 'exact', 0]['time_vs_ar'] == 1.0
+    for row in rows.values():
+        assert row['requests_per_s'] > 0 and row['mean_ll'] < 0
