@@ -140,15 +140,19 @@ def test_bad_model_args_give_one_line(ar_checkpoint, tmp_path, caplog):
     assert 'loss_avg_mode, num_proc: upstream settings' in caplog.text
 
 
+def plugin():
+    """This checkout's lm_eval_plugin/duo_lm_eval.py (not one an installed .pth may have imported)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('duo_lm_eval_here', ROOT / 'lm_eval_plugin' / 'duo_lm_eval.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_plugin_registers_dlm_only_when_lm_eval_is_imported(tmp_path):
     """The .pth that ./install.sh --lm-eval writes: a fresh interpreter imports neither lm-eval nor
     harness.py at start-up, and lm-eval's registry then knows `dlm` (a lazy reference to harness.DLM)."""
-    sys.path.insert(0, str(ROOT / 'lm_eval_plugin'))
-    try:
-        import duo_lm_eval
-        pth = duo_lm_eval.install(str(tmp_path))
-    finally:
-        sys.path.remove(str(ROOT / 'lm_eval_plugin'))
+    pth = plugin().install(str(tmp_path))
     assert open(pth).read() == f'{ROOT / "lm_eval_plugin"}\nimport duo_lm_eval\n'
     code = ('import site, sys; site.addsitedir(sys.argv[1]); '
             'print(sorted(m for m in ("lm_eval", "harness", "torch") if m in sys.modules)); '
@@ -167,12 +171,7 @@ def trained(tmp_path_factory):
     write_markov_corpus(base, 60_000, 3_000)
     site = base / 'site'
     site.mkdir()
-    sys.path.insert(0, str(ROOT / 'lm_eval_plugin'))
-    try:
-        import duo_lm_eval
-        duo_lm_eval.install(str(site))
-    finally:
-        sys.path.remove(str(ROOT / 'lm_eval_plugin'))
+    plugin().install(str(site))
     paths = {}
     for algo, steps in (('ar', 150), ('mdlm', 300), ('duo_base', 300)):
         run_main('mode=train', f'trainer.max_steps={steps}', 'training.ema=0.9', *common(base, base / algo, algo))
