@@ -192,7 +192,7 @@ class _Diffusion(Algorithm):
         if sampling.predictor != 'psi':
             return {'cache': sampling.predictor == 'ancestral_cache'}
         if sampling.psi.negative_kappa and not self.negative_kappa:
-            raise ConfigError(f"sampling.psi.negative_kappa=true is for absorbing diffusion (algo=mdlm), not "
+            raise ConfigError(f"sampling.psi.negative_kappa=true is for absorbing diffusion (algo=mdlm or sedd), not "
                               f"algo={self.config.algo.name}: use sampling.psi.negative_kappa=false")
         try:
             grid, kappas = samplers.psi_schedule(int(sampling.steps), self.schedule.alpha,
@@ -333,10 +333,22 @@ class SEDD(_Absorbing):
     give the unnormalised x̂ u_j = exp(l_j)/(K - 1) at masked positions, trained and validated on the
     closed-form score entropy (an upper bound on the NLL), sampled with the `analytic` (Tweedie
     tau-leaping) predictor. As upstream, greedy noise removal is not offered; ancestral_cache is
-    not either (the unmask probability of every masked token needs the network at every step)."""
+    not either (the unmask probability of every masked token needs the network at every step).
+
+    sampling.predictor=psi (not in upstream, which asserts `analytic`): the absorbing Ψ-step of
+    SPEC-2 §13 on the normalised score x̂ = softmax_{j != mask}(l), i.e. MDLM's Ψ-sampler with SEDD's
+    network as the denoiser. With κ = 1 (the sampling.psi.* defaults) it is the ancestral absorbing
+    sampler: a masked token unmasks w.p. (α_s - α_t)/(1 - α_t) whatever the score's mass S, where
+    `analytic` unmasks w.p. min(1, c S); both draw the token ∝ u_j, and they agree when S = 1.
+    """
     family = 'score'
-    predictors = ('analytic',)
+    predictors = ('analytic', 'psi')
     noise_removals = ('ancestral', 'none')
+    negative_kappa = True  # the absorbing Ψ-step: ReMDM's sigma up to its own bound is a distribution
+
+    def predictor_note(self, predictor):
+        return (' (its ancestral sampler on the normalised score is sampling.predictor=psi with the default '
+                'sampling.psi.*)' if predictor in ('ancestral', 'ancestral_cache') else '')
 
     def loss(self, module, x0, attention_mask, t, step):
         alpha, dalpha = self.schedule.alpha(t)[:, None], self.schedule.dalpha(t)[:, None]
@@ -346,6 +358,10 @@ class SEDD(_Absorbing):
         return losses.sedd_loss(logits, x0, xt, alpha, dalpha, self.mask_id, reuse_logits=True), attention_mask
 
     def sampler_arguments(self, sampling):
+        if sampling.predictor == 'psi':
+            # sample_diffusion's absorbing steps read x̂ as the softmax of the logits without [MASK]:
+            # the normalised score (the cache at the κ = 1 steps is exact, as for MDLM)
+            return super().sampler_arguments(sampling)
         return {'step': samplers.sedd_step}
 
     def likelihood_estimators(self):
