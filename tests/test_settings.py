@@ -1,5 +1,6 @@
-"""settings.py: the sampling.psi.* keys are checked when the config resolves, before any checkpoint
-or model loads (SPEC-2 §13), with one line naming the key and a valid example."""
+"""settings.py: enumerated settings, explicit keys and the batch summary; the sampling.psi.* keys
+are checked when the config resolves, before any checkpoint or model loads (SPEC-2 §13), with one
+line naming the key and a valid example."""
 import pytest
 from hydra import compose, initialize_config_dir
 
@@ -8,10 +9,29 @@ from conftest import ROOT
 from errors import ConfigError
 
 
-def resolve(*overrides):
+def compose_config(*overrides):
     with initialize_config_dir(config_dir=str(ROOT / 'configs'), version_base=None):
-        config = compose(config_name='config', overrides=['mode=sample_eval', 'trainer.accelerator=cpu', *overrides])
-    return settings.resolve(config)
+        return compose(config_name='config', overrides=['trainer.accelerator=cpu', *overrides])
+
+
+def resolve(*overrides):
+    return settings.resolve(compose_config('mode=sample_eval', *overrides))
+
+
+def test_explicit_keys_and_the_batch_summary():
+    assert settings.explicit_keys(['model=tiny', '+x.y=1', 'model.length=8', '~z']) == {'model', 'x.y', 'model.length'}
+    config = settings.resolve(compose_config('loader.batch_size=2', 'model.length=512'))
+    assert settings.batch_summary(config) == 'global batch 512 = 2 per device x 1 device x 256 accumulation steps'
+    assert config.loader.eval_batch_size == 2  # evaluation in training: the training batch per device
+
+
+@pytest.mark.parametrize('key,value', [('sampling.predictor', 'ancestal'), ('sampling.noise_removal', 'greed'),
+                                       ('algo.backbone', 'unet'), ('strategy.name', 'deepspeed')])
+def test_enumerated_settings_are_checked_with_one_line(key, value):
+    with pytest.raises(ConfigError, match=rf'^{key}={value} is unknown: use one of .* \(e\.g\. {key}=\S+\)$'):
+        settings.resolve(compose_config(f'{key}={value}'))
+
+
 
 
 PSI = 'sampling.predictor=psi'
