@@ -94,3 +94,21 @@ def test_psi_arguments_are_the_keys_of_psi_schedule():
         'low_mode': 'pure-posterior', 'high_frac': 0.0, 'middle_frac': 0.6, 'rescale_compat': False,
         'negative_kappa': False}
     assert isinstance(settings.psi_arguments(config.sampling)['high_frac'], float)
+
+
+def test_every_config_key_is_read_somewhere():
+    """Each key of configs/ (Hydra's own hydra.* aside) is named in the code as an attribute or a
+    string ('.key', "'key'", '[key'): a key nothing reads would be a setting that silently does
+    nothing. A coarse static check: it catches keys added and never wired, not wrong wiring."""
+    import re
+    from omegaconf import OmegaConf
+    source = ''.join(path.read_text() for pattern in ('*.py', 'models/*.py') for path in ROOT.glob(pattern))
+
+    def leaves(node, prefix=''):
+        for key in node.keys():
+            value = node._get_node(key)
+            yield from leaves(value, f'{prefix}{key}.') if OmegaConf.is_dict(value) else [f'{prefix}{key}']
+    unread = [f'{path.relative_to(ROOT)}: {key}' for path in sorted((ROOT / 'configs').rglob('*.yaml'))
+              for key in leaves(OmegaConf.load(path)) if not key.startswith('hydra.') and key != 'defaults'
+              and not re.search(r"[.'\"\[]" + re.escape(key.split('.')[-1]) + r"\b", source)]
+    assert not unread, unread
