@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / 'bench'))
 
-from duo_small_scale import CORPUS, Runner, common_overrides, training_overrides  # noqa: E402
+from duo_small_scale import CORPUS, common_overrides, open_work_dir, training_overrides  # noqa: E402
 from psi_small_scale import trained  # noqa: E402
 
 MODELS = ('ar', 'mdlm', 'duo_base')
@@ -118,12 +118,7 @@ def main():
                         help="runs (duo_small_scale.py's work directory by default: its models are reused)")
     parser.add_argument('--out', default=str(ROOT / 'bench' / 'results' / 'conditional_small_scale.json'))
     args = parser.parse_args()
-    if not CORPUS.exists():
-        sys.exit(f'the shared corpus {CORPUS} is missing: this benchmark needs it')
-    work = Path(args.work_dir)
-    work = work if work.is_absolute() else ROOT / work
-    work.mkdir(parents=True, exist_ok=True)
-    run = Runner(work, args.threads)
+    work, run = open_work_dir(args.work_dir, args.threads)
     started = time.perf_counter()
     common = [*common_overrides(work, eval_batch=args.samples), f'seed={args.seed}']
     dirs, reused = {}, []
