@@ -122,11 +122,21 @@ class GracefulStop(Callback):
     def on_train_start(self, trainer, pl_module):
         self._module = pl_module
         self._last_boundary = time.monotonic()
+        self._install()
+
+    def _install(self):
         for sig in self._original:
             try:
                 signal.signal(sig, self._on_signal)
             except ValueError:  # not the main thread: signals stay Lightning's
                 pass
+
+    def on_fit_end(self, trainer, pl_module):
+        # Lightning's teardown has just put back every handler it found before fit (for SIGINT,
+        # Python's KeyboardInterrupt); after a first signal, a second one must still stop the
+        # process at once while it saves and exits.
+        if self.signum is not None:
+            self._install()
 
     def teardown(self, trainer, pl_module, stage):
         if self.signum is not None:  # the run is stopping: a second signal still stops it at once

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--steps', type=int, default=600, help='training steps (default 600, ~5 min on 2 cores)')
+    parser.add_argument('--steps', type=int, default=600, help='training steps (default 600: about 3 min on 2 idle cores)')
     parser.add_argument('--algo', default='duo_base', help='ar | mdlm | duo_base | duo (default duo_base)')
     parser.add_argument('--run-dir', default='outputs/quickstart', help='outputs and checkpoints')
     args, overrides = parser.parse_known_args()

@@ -91,6 +91,17 @@ class Runner:
         print(f'    done in {self.seconds[name]:.0f} s', flush=True)
 
 
+def open_work_dir(work_dir: str, threads: int) -> tuple[Path, 'Runner']:
+    """The benchmark's work directory (relative paths under the checkout), made, and its Runner;
+    exits with one line when the shared corpus is missing."""
+    if not CORPUS.exists():
+        sys.exit(f'the shared corpus {CORPUS} is missing: this benchmark needs it')
+    work = Path(work_dir)
+    work = work if work.is_absolute() else ROOT / work
+    work.mkdir(parents=True, exist_ok=True)
+    return work, Runner(work, threads)
+
+
 def common_overrides(work: Path, eval_batch: int = 64) -> list:
     """Data, model and loader of every run of the small-scale benches (bench/psi_small_scale.py too)."""
     return ['data=local', f'data.train_files={CORPUS}', 'data.valid_docs=500', 'data.tokenizer_name_or_path=text8',
@@ -170,12 +181,7 @@ def main():
     parser.add_argument('--work-dir', default='outputs/bench_duo_small_scale')
     parser.add_argument('--out', default=str(ROOT / 'bench' / 'results' / 'duo_small_scale.json'))
     args = parser.parse_args()
-    if not CORPUS.exists():
-        sys.exit(f'the shared corpus {CORPUS} is missing: this benchmark needs it')
-    work = Path(args.work_dir)
-    work = work if work.is_absolute() else ROOT / work
-    work.mkdir(parents=True, exist_ok=True)
-    run = Runner(work, args.threads)
+    work, run = open_work_dir(args.work_dir, args.threads)
     started = time.perf_counter()
 
     curriculum_gammas, curriculum_alphas = mapped_gammas(PAPER_CURRICULUM)

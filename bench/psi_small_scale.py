@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / 'bench'))
 
 import checkpoints  # noqa: E402
-from duo_small_scale import CORPUS, K, Runner, common_overrides, data_reference, training_overrides, val_curve  # noqa: E402
+from duo_small_scale import CORPUS, K, common_overrides, data_reference, open_work_dir, training_overrides, val_curve  # noqa: E402
 
 # The samplers compared: sampling.* overrides (besides sampling.steps); SPEC-2 §13.5 without the nucleus.
 SAMPLERS = {
@@ -85,12 +85,7 @@ def main():
                         help="runs (duo_small_scale.py's work directory by default: its models are reused)")
     parser.add_argument('--out', default=str(ROOT / 'bench' / 'results' / 'psi_small_scale.json'))
     args = parser.parse_args()
-    if not CORPUS.exists():
-        sys.exit(f'the shared corpus {CORPUS} is missing: this benchmark needs it')
-    work = Path(args.work_dir)
-    work = work if work.is_absolute() else ROOT / work
-    work.mkdir(parents=True, exist_ok=True)
-    run = Runner(work, args.threads)
+    work, run = open_work_dir(args.work_dir, args.threads)
     started = time.perf_counter()
 
     common = common_overrides(work)  # as duo_small_scale.py trains (validation batches of 64)

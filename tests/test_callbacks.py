@@ -96,3 +96,31 @@ def test_the_lightning_internals_the_callbacks_use_are_still_there(tmp_path):
     for name in ('_check_log_dir_exists', '_rewrite_with_new_header'):
         assert callable(getattr(ExperimentWriter, name)), name  # run_history_logger's writer
     assert 'metrics_file_path' in vars(ExperimentWriter(log_dir=str(tmp_path / 'w')))
+
+
+def test_after_a_first_signal_the_handler_outlives_lightnings_teardown():
+    """Lightning's teardown puts back every signal handler it found before fit (for SIGINT, Python's
+    KeyboardInterrupt) before on_fit_end: after a first signal, GracefulStop takes SIGINT/SIGTERM back
+    there and keeps them through its own teardown, so a second Ctrl-C while last.ckpt is saved or
+    the process exits still stops it at once (not a KeyboardInterrupt reported as 'interrupted')."""
+    import signal
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        stop = callbacks.GracefulStop()
+        stop.setup(None, None, 'fit')
+        stop._install()
+        stop.signum = signal.SIGINT                           # the first Ctrl-C came
+        for sig in saved:                                     # what Lightning's _SignalConnector.teardown does
+            signal.signal(sig, saved[sig])
+        stop.on_fit_end(None, None)
+        stop.teardown(None, None, 'fit')
+        assert all(signal.getsignal(sig) == stop._on_signal for sig in saved)
+        quiet = callbacks.GracefulStop()                      # no signal: teardown gives the handlers back
+        quiet.setup(None, None, 'fit')
+        quiet._install()
+        quiet.on_fit_end(None, None)
+        quiet.teardown(None, None, 'fit')
+        assert all(signal.getsignal(sig) == stop._on_signal for sig in saved)  # what it found at setup
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)

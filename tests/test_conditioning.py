@@ -1,5 +1,7 @@
 """Prompts and infilling templates (conditioning.py, SPEC-2 §15): text -> the positions held fixed."""
 import json
+import shlex
+from pathlib import Path
 
 import pytest
 import torch
@@ -7,6 +9,8 @@ from omegaconf import OmegaConf
 
 import conditioning
 import dataloader
+import duo
+import samplers
 from errors import ConfigError
 
 TEXT8 = dataloader.Text8Tokenizer()
@@ -116,3 +120,63 @@ def test_a_jsonl_string_may_hold_a_gap(tmp_path):
     (tmp_path / 'p.jsonl').write_text(json.dumps({'prompt': 'a [GAP:2] b'}) + '\n')
     template, = conditioning.from_settings(settings(prompts_file=str(tmp_path / 'p.jsonl')), TEXT8)
     assert template.ids.count(None) == 2 and 'prompt 1' in template.source
+
+
+# ------------------------------------------------------------------------- README's commands
+
+ROOT = Path(__file__).resolve().parent.parent
+CONDITIONAL_KEYS = ('sampling.prompt=', 'sampling.prompts_file=', 'sampling.semi_ar=', 'sampling.var_length=')
+
+
+def readme_conditional_lines():
+    """The lines of README's "Conditional generation" section (continuations joined)."""
+    text = (ROOT / 'README.md').read_text()
+    start = text.index('\n## Conditional generation')
+    return text[start:text.index('\n## ', start + 1)].replace('\\\n', ' ').splitlines()
+
+
+def readme_conditional_commands():
+    """The section's `python main.py ...` command lines that condition or extend the samples, as override lists."""
+    return [shlex.split(line)[2:] for line in readme_conditional_lines()
+            if line.startswith('python main.py ') and any(key in line for key in CONDITIONAL_KEYS)]
+
+
+def write_readme_prompts_files(directory: Path) -> set:
+    """Run the section's `printf '%s\\n' ... > FILE` lines in `directory`; the names written."""
+    names = set()
+    for line in readme_conditional_lines():
+        if line.startswith('printf '):
+            words = shlex.split(line)
+            assert words[1] == '%s\\n' and words[-2] == '>', line
+            (directory / words[-1]).write_text(''.join(word + '\n' for word in words[2:-2]))
+            names.add(words[-1])
+    return names
+
+
+def test_readme_conditional_commands_resolve_and_their_prompts_fit(tmp_path, gpt2):
+    """Every conditional-generation command README prints passes settings.resolve, its prompts (the
+    files its printf lines write) parse with GPT-2's tokenizer (the hub checkpoints') and fit the
+    samples; each use is shown; the semi-AR command gives MDLM's 2048 tokens."""
+    files = write_readme_prompts_files(tmp_path)
+    assert files == {'prompts.txt', 'prompts.jsonl'}
+    seen = set()
+    for overrides in readme_conditional_commands():
+        overrides = [f'sampling.prompts_file={tmp_path / o.split("=", 1)[1]}' if o.startswith('sampling.prompts_file=')
+                     else o for o in overrides if not o.startswith(('eval.checkpoint_path=', 'mode='))]
+        config = duo.compose(overrides)  # mode=sample_eval, resolved (settings.resolve)
+        s = config.sampling
+        width = int(config.model.length)
+        if s.semi_ar:
+            samplers.check_semi_ar(width, s.stride_length, s.num_strides)
+            width = samplers.semi_ar_length(width, int(s.stride_length), int(s.num_strides))
+            assert width == 2048
+            seen.add('semi_ar')
+        seen |= {'var_length'} if s.var_length else set()
+        templates = conditioning.from_settings(s, gpt2)
+        if templates is not None:
+            rows = int(config.loader.eval_batch_size) * int(s.num_sample_batches)
+            assert len(templates) <= rows
+            conditioning.canvas(templates, rows, width, causal=config.algo.name == 'ar', algo=config.algo.name)
+            seen.add(Path(str(s.prompts_file)).suffix if s.prompts_file else 'prompt')
+            seen |= {'gap'} if any(not t.is_prefix for t in templates) else set()
+    assert seen == {'prompt', '.txt', '.jsonl', 'gap', 'semi_ar', 'var_length'}

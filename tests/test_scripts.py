@@ -99,3 +99,22 @@ def test_zero_shot_script_evaluates_every_set_in_one_run(tmp_path):
     assert ptb.returncode == 0, ptb.stderr[-3000:]
     single = json.loads((tmp_path / 'ptb' / 'ppl_eval.json').read_text())
     assert single['nll'] == result['datasets']['ptb']['nll'] and single['tokens'] == result['datasets']['ptb']['tokens']
+
+
+@pytest.mark.slow
+def test_gen_owt_kaggle_samples_a_sedd_checkpoint_with_its_own_noise_removal(tmp_path):
+    """gen_owt_kaggle.sh passes Greedy-Tail's sampling.noise_removal=greedy, which SEDD does not
+    have (as upstream): for a SEDD checkpoint it reads the algorithm from the file and passes
+    ancestral; the samples are written."""
+    from test_checkpoints import save_upstream, trained_sedd
+    run = tmp_path / 'run'
+    (run / 'checkpoints').mkdir(parents=True)
+    save_upstream(trained_sedd(), run / 'checkpoints' / 'last.ckpt')
+    proc = subprocess.run(['bash', 'scripts/gen_owt_kaggle.sh', str(run / 'checkpoints' / 'last.ckpt'),
+                           'trainer.accelerator=cpu', 'loader.eval_batch_size=2', 'sampling.steps=4',
+                           'eval.compute_generative_perplexity=false'], cwd=ROOT, env=script_env(tmp_path),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'sampling.noise_removal=ancestral' in proc.stdout
+    samples = json.loads((run / 'samples.json').read_text())
+    assert samples['algo'] == 'sedd' and len(samples['generated_seqs']) == 2

@@ -1,4 +1,4 @@
-"""Noise schedules and stratified time sampling (SPEC §3)."""
+"""noise_schedule.py: noise schedules and stratified time sampling (SPEC §3)."""
 import math
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""Sample entropy and generative perplexity (SPEC §7), offline.
+"""metrics.py: sample entropy and generative perplexity (SPEC §7), offline.
 
 The judge is a tiny random GPT-2 (context 24, so that long texts are scored in windows) saved
 with the exact GPT-2 tokenizer to a temporary directory; the perplexity is checked against a plain
