@@ -192,7 +192,7 @@ class _Diffusion(Algorithm):
         if sampling.predictor != 'psi':
             return {'cache': sampling.predictor == 'ancestral_cache'}
         if sampling.psi.negative_kappa and not self.negative_kappa:
-            raise ConfigError(f"sampling.psi.negative_kappa=true is for absorbing diffusion (algo=mdlm), not "
+            raise ConfigError(f"sampling.psi.negative_kappa=true is for absorbing diffusion (algo=mdlm or sedd), not "
                               f"algo={self.config.algo.name}: use sampling.psi.negative_kappa=false")
         try:
             grid, kappas = samplers.psi_schedule(int(sampling.steps), self.schedule.alpha,
@@ -253,6 +253,15 @@ class _Absorbing(_Diffusion):
         # that do not depend on the network (SEDD's and D3PM's do)
         return (' (its unmask probabilities need the network at every step: nothing to cache)'
                 if predictor == 'ancestral_cache' else '')
+
+    def greedy_logits(self, module, x0, attention_mask, target, undecided, noise):
+        """Undecided positions masked; x̂ without the [MASK] class (MDLM's SUBS; SEDD's normalised score;
+        D3PM's x̂ restricted to real tokens, as its last step draws)."""
+        xt = torch.where(undecided, self.mask_id, x0)
+        logits = module.backbone(xt, self.sigma(self._greedy_alpha(target, undecided)),
+                                 attention_mask=attention_mask, output_rows=undecided)
+        logits[:, self.mask_id] = float('-inf')
+        return logits
 
 
 class MDLM(_Absorbing):
@@ -318,23 +327,28 @@ class MDLM(_Absorbing):
             bound[live] = weight[live].float() * likelihood.row_sums(nll, m)
         return bound
 
-    def greedy_logits(self, module, x0, attention_mask, target, undecided, noise):
-        xt = torch.where(undecided, self.mask_id, x0)
-        logits = module.backbone(xt, self.sigma(self._greedy_alpha(target, undecided)),
-                                 attention_mask=attention_mask, output_rows=undecided)
-        logits[:, self.mask_id] = float('-inf')  # SUBS: never [MASK]
-        return logits
-
 
 class SEDD(_Absorbing):
     """SEDD, absorbing score entropy (SPEC-2 §11): a time-conditioned score network whose logits l
     give the unnormalised x̂ u_j = exp(l_j)/(K - 1) at masked positions, trained and validated on the
     closed-form score entropy (an upper bound on the NLL), sampled with the `analytic` (Tweedie
     tau-leaping) predictor. As upstream, greedy noise removal is not offered; ancestral_cache is
-    not either (the unmask probability of every masked token needs the network at every step)."""
+    not either (the unmask probability of every masked token needs the network at every step).
+
+    sampling.predictor=psi (not in upstream, which asserts `analytic`): the absorbing Ψ-step of
+    SPEC-2 §13 on the normalised score x̂ = softmax_{j != mask}(l), i.e. MDLM's Ψ-sampler with SEDD's
+    network as the denoiser. With κ = 1 (the sampling.psi.* defaults) it is the ancestral absorbing
+    sampler: a masked token unmasks w.p. (α_s - α_t)/(1 - α_t) whatever the score's mass S, where
+    `analytic` unmasks w.p. min(1, c S); both draw the token ∝ u_j, and they agree when S = 1.
+    """
     family = 'score'
-    predictors = ('analytic',)
+    predictors = ('analytic', 'psi')
     noise_removals = ('ancestral', 'none')
+    negative_kappa = True  # the absorbing Ψ-step: ReMDM's sigma up to its own bound is a distribution
+
+    def predictor_note(self, predictor):
+        return (' (its ancestral sampler on the normalised score is sampling.predictor=psi with the default '
+                'sampling.psi.*)' if predictor in ('ancestral', 'ancestral_cache') else '')
 
     def loss(self, module, x0, attention_mask, t, step):
         alpha, dalpha = self.schedule.alpha(t)[:, None], self.schedule.dalpha(t)[:, None]
@@ -344,7 +358,34 @@ class SEDD(_Absorbing):
         return losses.sedd_loss(logits, x0, xt, alpha, dalpha, self.mask_id, reuse_logits=True), attention_mask
 
     def sampler_arguments(self, sampling):
+        if sampling.predictor == 'psi':
+            # sample_diffusion's absorbing steps read x̂ as the softmax of the logits without [MASK]:
+            # the normalised score (the cache at the κ = 1 steps is exact, as for MDLM)
+            return super().sampler_arguments(sampling)
         return {'step': samplers.sedd_step}
+
+    def likelihood_estimators(self):
+        return ('t',)
+
+    def estimator_note(self, estimator):
+        return ' (SEDD is scored by the t form of its score-entropy bound)' if estimator == 'llada' else ''
+
+    def conditional_bound(self, module, x0, attention_mask, target, draw, estimator):
+        """The score-entropy bound of the target at t = draw.level (SPEC-2 §11, §16): the prefix never
+        masked, target positions masked w.p. 1 - alpha_t, sigma_t = -log alpha_t to the network, SEDD's
+        per-token loss at (alpha_t, alpha'_t) summed over the masked positions: the MDLM bound of the
+        normalised score plus the normalisation penalty S - 1 - log S >= 0 (weighted alike)."""
+        alpha, dalpha = self.schedule.alpha(draw.level), self.schedule.dalpha(draw.level)
+        masked = target & (draw.uniform < 1 - alpha[:, None])
+        bound = torch.zeros(x0.shape[0], device=x0.device)
+        live = masked.any(1)  # a row with nothing masked costs nothing: no forward pass
+        if bool(live.any()):
+            m = masked[live]
+            xt = torch.where(m, self.mask_id, x0[live])
+            logits = module.backbone(xt, self.sigma(alpha[live]), attention_mask=attention_mask[live], output_rows=m)
+            per_token = losses.sedd_loss(logits, x0[live], xt, alpha[live, None], dalpha[live, None], self.mask_id)
+            bound[live] = per_token.sum(1).float()
+        return bound
 
 
 class D3PM(_Absorbing):
@@ -401,6 +442,50 @@ class D3PM(_Absorbing):
         k = torch.arange(steps + 1, dtype=torch.float64)
         i = torch.round(self.T - k * (self.T - 1) / steps)
         return {'step': samplers.d3pm_step, 'grid': i / self.T}
+
+    def likelihood_estimators(self):
+        return ('t',)
+
+    def estimator_note(self, estimator):
+        return (' (D3PM\'s bound is discrete in time: estimator=t draws its step indices i in 1..T)'
+                if estimator == 'llada' else '')
+
+    def likelihood_levels(self, n, n_target, generator, estimator):
+        # step indices i ~ U{1..T}, stratified as in training
+        return noise_schedule.discrete_times(n, self.T, generator=generator)
+
+    def conditional_bound(self, module, x0, attention_mask, target, draw, estimator):
+        """The discrete NELBO of the target at step i = draw.level (SPEC-2 §12, §16): the prefix never
+        masked, target positions masked w.p. 1 - alpha(i/T), T KL_i with alpha_s = alpha((i - 1)/T)
+        (1 at i = 1) summed over the masked positions, plus L_rec = -log x̂(x0, sigma = 0) summed over
+        the target (the prefix's reconstruction is not part of the continuation's likelihood)."""
+        alpha_t, alpha_s = noise_schedule.discrete_alphas(self.schedule, draw.level, self.T)
+        masked = target & (draw.uniform < 1 - alpha_t[:, None])
+        bound = self._reconstruction(module, x0, attention_mask, target)
+        live = masked.any(1)  # a row with nothing masked: its KL_i is 0, no forward pass
+        if bool(live.any()):
+            m = masked[live]
+            xt = torch.where(m, self.mask_id, x0[live])
+            logits = self._network(module, xt, alpha_t[live], attention_mask=attention_mask[live], output_rows=m)
+            kl = losses.d3pm_loss(logits, x0[live], xt, alpha_t[live, None], alpha_s[live, None], self.T, self.mask_id)
+            bound[live] += kl.sum(1).float()
+        return bound
+
+    def _reconstruction(self, module, x0, attention_mask, target):
+        """L_rec (B,) float32 of each row's target. It does not depend on the draw: one clean pass per
+        distinct row (the samples of one request share theirs), not one per sample."""
+        rows, inverse = likelihood.distinct_rows(x0, attention_mask, target)
+        rows_target = target[rows]
+        clean = self._network(module, x0[rows], torch.ones(len(rows), dtype=torch.float64, device=x0.device),
+                              attention_mask=attention_mask[rows], output_rows=rows_target)
+        per_token = losses.d3pm_reconstruction_loss(clean, x0[rows][rows_target])
+        return likelihood.row_sums(per_token, rows_target)[inverse]
+
+    def _greedy_alpha(self, target, undecided):
+        # the grid's alpha(i/T) nearest to the undecided share's: the network was trained at those only
+        alpha = super()._greedy_alpha(target, undecided).double()
+        grid = self.schedule.alpha(torch.arange(1, self.T + 1, dtype=torch.float64, device=alpha.device) / self.T)
+        return grid[(grid[None, :] - alpha[:, None]).abs().argmin(1)].float()
 
 
 class DUOBase(_Diffusion):

@@ -75,9 +75,10 @@ class Score:
 
 @dataclass
 class Draw:
-    """One sample's randomness per row: level (B,) (a time t, or a masked-token count), uniform
-    (B, N) float32 (continuation positions; 2 elsewhere, never below a masking threshold) and ids
-    (B, N) int64 (uniform replacement ids at continuation positions; the clean ids elsewhere)."""
+    """One sample's randomness per row: level (B,) (a time t, a masked-token count, or D3PM's step
+    index), uniform (B, N) float32 (continuation positions; 2 elsewhere, never below a masking
+    threshold) and ids (B, N) int64 (uniform replacement ids at continuation positions; the clean ids
+    elsewhere)."""
     level: torch.Tensor
     uniform: torch.Tensor
     ids: torch.Tensor
@@ -123,6 +124,17 @@ def lowest_k(uniform: torch.Tensor, target: torch.Tensor, counts: torch.Tensor) 
     return target & (ranks < counts[:, None])
 
 
+def distinct_rows(*tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index (u,), inverse (B,)): one row index per distinct row of the (B, N) tables taken together
+    (the smallest such index), and for every row the position of its distinct row in `index`, so that
+    f(rows[index])[inverse] == f(rows) for a row-wise f."""
+    key = torch.cat([t.long() for t in tables], dim=1)
+    _, inverse = torch.unique(key, dim=0, return_inverse=True)
+    first = torch.full((int(inverse.max()) + 1,), key.shape[0], dtype=torch.long, device=key.device)
+    first.scatter_reduce_(0, inverse, torch.arange(key.shape[0], device=key.device), 'amin')
+    return first, inverse
+
+
 def row_sums(values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Per-row sums (B,) float32 of `values` (n,), the entries of the True positions of rows (B, N)
     in row-major order (the order of the network's output_rows)."""
@@ -146,7 +158,7 @@ class Scorer:
             offered = self.algo.likelihood_estimators()
             if not offered:
                 raise ConfigError(f'algo={name} has no conditional likelihood for lm-eval yet: use an ar, mdlm, '
-                                  f'duo_base, duo or distillation checkpoint')
+                                  f'sedd, d3pm, duo_base, duo or distillation checkpoint')
             if estimator not in offered:
                 raise ConfigError(f'estimator={estimator} does not apply to algo={name}'
                                   f'{self.algo.estimator_note(estimator)}: use {" or ".join(offered)} '

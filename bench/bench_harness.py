@@ -2,9 +2,10 @@
 
 DiTs with random weights score multiple-choice-shaped requests ([BOS] + context of --context tokens,
 continuation of --continuation tokens): AR exactly (one forward pass per request), the diffusion
-models with --samples Monte Carlo samples per request (mdlm: t and LLaDA forms, duo_base: t), greedy
-flags included. Reported: requests/s, sequences/s through the network, and each row's time per
-request relative to AR (medians of --repeats round-robin passes). With --checkpoint, also the
+models with --samples Monte Carlo samples per request (mdlm: t and LLaDA forms; sedd, d3pm (its
+clean pass once per request), duo_base: t), greedy flags included. Reported: requests/s,
+sequences/s through the network, and each row's time per request relative to AR (medians of
+--repeats round-robin passes). With --checkpoint, also the
 standard errors of a trained model's log-likelihoods on the local task
 (tests/lm_eval_tasks/duo_local_mc.jsonl), and its accuracy, at each sample count.
 
@@ -30,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 import likelihood  # noqa: E402
 from diffusion import Diffusion  # noqa: E402
 
-ROWS = (('ar', 'exact'), ('mdlm', 't'), ('mdlm', 'llada'), ('duo_base', 't'))
+ROWS = (('ar', 'exact'), ('mdlm', 't'), ('mdlm', 'llada'), ('sedd', 't'), ('d3pm', 't'), ('duo_base', 't'))
 
 
 def random_model(algo, args):

@@ -10,6 +10,7 @@ become the time grid and kappas that samplers.sample_diffusion receives: tested 
 kappas worked out by hand, the published command lines of README.md, and the one-line errors of
 settings that cannot work.
 """
+import itertools
 import math
 import shlex
 import types
@@ -145,13 +146,14 @@ HAND_GRID = [1, 5 / 6, 4 / 6, 0.5, 0.5, 0.5, 0.5, 0.5, 1e-5]   # linspace(1, .5,
 HAND_KAPPAS = [0, 0, 0, 0, 0.3, 0.3, 0.3, 1, 1]
 
 
-@pytest.mark.parametrize('algo', ['duo_base', 'duo', 'distillation', 'mdlm'])
+@pytest.mark.parametrize('algo', ['duo_base', 'duo', 'distillation', 'mdlm', 'sedd'])
 def test_psi_keys_become_the_grid_and_kappas_the_sampler_gets(spy, algo):
     module = tiny_module(f'algo={algo}', *HAND)
     with torch.no_grad():
         out = module.generate(3, generator=torch.Generator().manual_seed(0))
     (call,) = spy.calls
-    assert call['kind'] == ('absorbing' if algo == 'mdlm' else 'uniform')
+    assert call['kind'] == ('absorbing' if algo in ('mdlm', 'sedd') else 'uniform')
+    assert call.get('step') is None  # SEDD: the absorbing Ψ-step, not its analytic step
     assert call['grid'].dtype == call['kappas'].dtype == torch.float64
     assert call['grid'].tolist() == pytest.approx(HAND_GRID, abs=1e-15)
     assert call['kappas'].tolist() == HAND_KAPPAS
@@ -294,13 +296,25 @@ def test_readme_cap_and_rescale_commands_give_remdm_kappas():
      'sampling.predictor=remdm-conf does not apply to algo=duo_base: use one of ancestral, ancestral_cache, psi '
      '(e.g. sampling.predictor=ancestral)'),
     ('duo_base', ['sampling.predictor=psi', 'sampling.psi.negative_kappa=true'],
-     'sampling.psi.negative_kappa=true is for absorbing diffusion (algo=mdlm), not algo=duo_base: use '
+     'sampling.psi.negative_kappa=true is for absorbing diffusion (algo=mdlm or sedd), not algo=duo_base: use '
      'sampling.psi.negative_kappa=false'),
+    ('sedd', ['sampling.predictor=remdm-conf'],
+     'sampling.predictor=remdm-conf does not apply to algo=sedd: use one of analytic, psi '
+     '(e.g. sampling.predictor=analytic)'),
+    ('sedd', ['sampling.predictor=psi', 'sampling.noise_removal=greedy'],
+     'sampling.noise_removal=greedy does not apply to algo=sedd: use ancestral or none '
+     '(e.g. sampling.noise_removal=ancestral)'),
+    ('sedd', ['sampling.predictor=psi', 'sampling.steps=4', 'sampling.psi.time_profile=linear-constant-linear-0.5',
+              'sampling.psi.high_frac=0'],
+     None),  # the profile's own one line (settings.check_psi), as for every algorithm
 ])
 def test_settings_the_algorithm_cannot_sample_with_fail_before_weights_load(algo, overrides, message):
     with pytest.raises(errors.ConfigError) as error:
         Diffusion(resolved_config(*TINY, f'algo={algo}', *overrides), vocab_size=K_S, mask_id=MASK_S, bos_id=BOS_S)
-    assert str(error.value) == message
+    if message is None:
+        assert '\n' not in str(error.value) and 'sampling.psi.' in str(error.value)
+    else:
+        assert str(error.value) == message
 
 
 def test_an_unused_negative_kappa_is_not_an_error():
@@ -485,13 +499,100 @@ def test_samplers_of_the_algorithms(algo_name, predictor, step, monkeypatch):
     assert getattr(chosen, 'keywords', {}).get('normalised', False) == (algo_name == 'mdlm')
 
 
+# ---- SEDD's Ψ-sampler: the absorbing Ψ-step on the normalised score ---------------------------------
+V_PSI, MASK_PSI = 4, 3  # tokens 0, 1, 2 and the [MASK]
+PSI_A = torch.tensor([[0.3, -0.5, 0.9], [-0.2, 0.6, 0.1]], dtype=torch.float64)        # (position, token)
+PSI_B = torch.tensor([[1.5, -1.0, 0.0], [0.0, 1.2, -0.7], [-1.1, 0.3, 0.9], [0.0, 0.0, 0.0]],
+                     dtype=torch.float64)                                              # (other position's id, token)
+PSI_D = torch.tensor([[0.4, 0.0, -0.4], [0.0, -0.3, 0.3]], dtype=torch.float64)         # (position, token) per sigma
+PSI_SHIFT = 1.2  # log of the score's mass scale: S = e^1.2 (K - 1)^-1 sum_j e^(l_j - 1.2) ~ 2-5, never 1
+
+
+def psi_logits(z, sigma):
+    """(B, 2, V_PSI) float64: a score network whose logits at position p depend on the other position's id
+    (or [MASK]) and on sigma, with an unnormalised mass S != 1."""
+    logits = torch.zeros(*z.shape, V_PSI, dtype=torch.float64)
+    other = z.flip(1)
+    logits[..., :3] = PSI_A + PSI_B[other] + PSI_D * sigma.double()[:, None, None] + PSI_SHIFT
+    return logits
+
+
+def law_of_absorbing_sampler(grid, unmask_probability):
+    """The exact law {(z_0, z_1): probability} of a 2-token absorbing sampler over `grid` (written here,
+    by enumeration): at a step t -> s every masked token unmasks independently w.p.
+    unmask_probability(alpha_t, alpha_s, S) (S: the score's mass at that token), to j ∝ exp(l_j), j != mask,
+    with the logits at (z_t, sigma_t); then every remaining mask is drawn at t = grid[-1]."""
+    def alpha(t):
+        return 1 - (1 - EPS) * t
+
+    def xhat_and_mass(z, t):
+        logits = psi_logits(torch.tensor([z]), torch.tensor([-math.log(alpha(t))]))[0, :, :3]
+        return torch.softmax(logits, -1).numpy(), (logits.exp().sum(-1) / (V_PSI - 1)).numpy()
+
+    law = {(MASK_PSI, MASK_PSI): 1.0}
+    steps = [(t, s) for t, s in zip(grid[:-1], grid[1:])] + [(grid[-1], None)]
+    for t, s in steps:
+        new = {}
+        for z, p in law.items():
+            xhat, mass = xhat_and_mass(z, t)
+            options = []
+            for pos in range(2):
+                if z[pos] != MASK_PSI:
+                    options.append([(z[pos], 1.0)])
+                    continue
+                q = 1.0 if s is None else unmask_probability(alpha(t), alpha(s), mass[pos])
+                options.append([(MASK_PSI, 1 - q)] + [(j, q * xhat[pos, j]) for j in range(3)])
+            for (a, pa), (b, pb) in itertools.product(*options):
+                new[(a, b)] = new.get((a, b), 0.0) + p * pa * pb
+        law = new
+    return law
+
+
+def test_sedd_psi_with_default_keys_is_the_ancestral_sampler_on_the_normalised_score():
+    """sampling.predictor=psi with the default sampling.psi.* on a score network with S != 1 whose
+    predictions depend on the other token and on sigma: the draws follow the law of the ancestral
+    absorbing sampler (unmask w.p. (alpha_s - alpha_t)/(1 - alpha_t), token ∝ exp(l_j)), enumerated here
+    (chi-square), not that of SEDD's analytic step (unmask w.p. min(1, c S)), which differs here."""
+    steps = 3
+    config = sd_config('algo=sedd', 'sampling.predictor=psi', f'sampling.steps={steps}', 'sampling.p_nucleus=1')
+    algo = algorithms.build(config, V_PSI, MASK_PSI)
+    module = types.SimpleNamespace(backbone=lambda z, sigma, out=None: psi_logits(z, sigma),
+                                   device=torch.device('cpu'), compute_dtype=torch.float32)
+    n = 30_000
+    out = algo.sample(module, n, 2, generator=torch.Generator().manual_seed(0))
+    grid = [1 - (1 - 1e-5) * k / steps for k in range(steps + 1)]
+    ancestral = law_of_absorbing_sampler(grid, lambda a_t, a_s, S: (a_s - a_t) / (1 - a_t))
+    analytic = law_of_absorbing_sampler(grid, lambda a_t, a_s, S: min(1.0, (a_s - a_t) / (1 - a_t) * S))
+    outcomes = list(itertools.product(range(3), repeat=2))
+    assert sum(ancestral[o] for o in outcomes) == pytest.approx(1, abs=1e-12)
+    counts = np.array([int(((out[:, 0] == a) & (out[:, 1] == b)).sum()) for a, b in outcomes])
+    assert counts.sum() == n
+    assert stats.chisquare(counts, n * np.array([ancestral[o] for o in outcomes])).pvalue > 1e-3
+    assert sum(abs(ancestral[o] - analytic[o]) for o in outcomes) > 0.05  # the test tells the two apart
+
+
+def test_sedd_psi_takes_negative_kappas_as_absorbing_steps():
+    """ReMDM-cap with sampling.psi.negative_kappa=true (sigma up to ReMDM's bound: kappa < 0 at the first
+    steps) is a valid absorbing step for SEDD too: it samples, and no [MASK] is left."""
+    module = tiny_module('algo=sedd', 'sampling.predictor=psi', 'sampling.steps=8', 'sampling.psi.negative_kappa=true',
+                         *[f'sampling.psi.{k}_mode=max-capped-0.5' for k in ('high', 'middle', 'low')])
+    kappas = module.algo.sampler_arguments(module.config.sampling)['kappas']
+    assert kappas.min() < 0
+    with torch.no_grad():
+        out = module.generate(4, generator=torch.Generator().manual_seed(0))
+    assert (out != MASK_S).all()
+
+
 # ---- settings ----------------------------------------------------------------------------------
 @pytest.mark.parametrize('overrides,message', [
     (['algo=sedd', 'sampling.predictor=ancestral_cache'],
-     'sampling.predictor=ancestral_cache does not apply to algo=sedd (its unmask probabilities need the network at '
-     'every step: nothing to cache): use analytic (e.g. sampling.predictor=analytic)'),
+     'sampling.predictor=ancestral_cache does not apply to algo=sedd (its ancestral sampler on the normalised score '
+     'is sampling.predictor=psi with the default sampling.psi.*): use one of analytic, psi '
+     '(e.g. sampling.predictor=analytic)'),
     (['algo=sedd', 'sampling.predictor=ancestral'],
-     'sampling.predictor=ancestral does not apply to algo=sedd: use analytic (e.g. sampling.predictor=analytic)'),
+     'sampling.predictor=ancestral does not apply to algo=sedd (its ancestral sampler on the normalised score is '
+     'sampling.predictor=psi with the default sampling.psi.*): use one of analytic, psi '
+     '(e.g. sampling.predictor=analytic)'),
     (['algo=sedd', 'sampling.noise_removal=greedy'],
      'sampling.noise_removal=greedy does not apply to algo=sedd: use ancestral or none '
      '(e.g. sampling.noise_removal=ancestral)'),

@@ -66,7 +66,8 @@ def test_bench_harness_reports_each_estimator_against_ar(tmp_path):
               '--samples', '4', '--out', str(tmp_path))
     record = json.loads(next(tmp_path.glob('harness-*.json')).read_text())
     rows = {(r['algo'], r['estimator'], r['samples']): r for r in record['results']}
-    assert set(rows) == {('ar', 'exact', 0), ('mdlm', 't', 4), ('mdlm', 'llada', 4), ('duo_base', 't', 4)}
+    assert set(rows) == {('ar', 'exact', 0), ('mdlm', 't', 4), ('mdlm', 'llada', 4), ('sedd', 't', 4), ('d3pm', 't', 4),
+                         ('duo_base', 't', 4)}
     assert rows['ar', 'exact', 0]['time_vs_ar'] == 1.0
     for row in rows.values():
         assert row['requests_per_s'] > 0 and row['mean_ll'] < 0

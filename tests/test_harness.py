@@ -1,8 +1,8 @@
 """harness.py: lm-eval's `dlm` model, in-process and through lm-eval's real command line.
 
 Skipped where lm-eval is not installed (CI installs requirements.txt only; the estimator maths is
-tested without it in test_likelihood.py). The slow tests train tiny ar, mdlm and duo_base models with
-main.py and run the local multiple-choice task tests/lm_eval_tasks/duo_local_mc.yaml end to end.
+tested without it in test_likelihood.py). The slow tests train tiny ar, mdlm, duo_base, sedd and d3pm
+models with main.py and run the local multiple-choice task tests/lm_eval_tasks/duo_local_mc.yaml end to end.
 """
 import json
 import math
@@ -21,6 +21,13 @@ from test_likelihood import naive_ar  # noqa: E402
 from test_main import common, only_letter, run_main, saved_model, write_markov_corpus  # noqa: E402
 
 ENV = dict(os.environ, HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1', TRANSFORMERS_OFFLINE='1', WANDB_MODE='offline')
+# Python code that a test's interpreter runs first: the environment may hold another checkout's
+# duo_lm_eval.pth (its plugin imported at start-up, its directory on the path, its import hook waiting
+# for lm-eval), which would register that checkout's harness as `dlm`; forget it, so that the
+# subprocesses below run this checkout's code.
+FORGET_INSTALLED_PLUGIN = ('import sys; sys.modules.pop("duo_lm_eval", None); '
+                           'sys.path[:] = [p for p in sys.path if not p.endswith("lm_eval_plugin")]; '
+                           'sys.meta_path[:] = [f for f in sys.meta_path if type(f).__name__ != "_RegisterDLM"]; ')
 
 
 def instance(context, continuation, kind='loglikelihood'):
@@ -154,7 +161,7 @@ def test_plugin_registers_dlm_only_when_lm_eval_is_imported(tmp_path):
     harness.py at start-up, and lm-eval's registry then knows `dlm` (a lazy reference to harness.DLM)."""
     pth = plugin().install(str(tmp_path))
     assert open(pth).read() == f'{ROOT / "lm_eval_plugin"}\nimport duo_lm_eval\n'
-    code = ('import site, sys; site.addsitedir(sys.argv[1]); '
+    code = (FORGET_INSTALLED_PLUGIN + 'import site, sys; site.addsitedir(sys.argv[1]); '
             'print(sorted(m for m in ("lm_eval", "harness", "torch") if m in sys.modules)); '
             'from lm_eval.api.registry import model_registry; print(model_registry._objs["dlm"])')
     out = subprocess.run([sys.executable, '-c', code, str(tmp_path)], capture_output=True, text=True, cwd='/',
@@ -166,15 +173,20 @@ def test_plugin_registers_dlm_only_when_lm_eval_is_imported(tmp_path):
 # ---- the real command line on trained models -------------------------------------------------
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
-    """Tiny ar, mdlm and duo_base models trained with main.py on the Markov chain the task is drawn from."""
+    """Tiny ar, mdlm, duo_base, sedd and d3pm models trained with main.py on the Markov chain the task is
+    drawn from."""
     base = tmp_path_factory.mktemp('harness_cli')
     write_markov_corpus(base, 60_000, 3_000)
     site = base / 'site'
     site.mkdir()
     plugin().install(str(site))
     paths = {}
-    for algo, steps in (('ar', 150), ('mdlm', 300), ('duo_base', 300)):
-        run_main('mode=train', f'trainer.max_steps={steps}', 'training.ema=0.9', *common(base, base / algo, algo))
+    # SEDD at common()'s optim.lr=3e-3 learned the chain but not for rows shorter than its training blocks
+    # (local-task accuracy 0.6, as a time-conditioned MDLM's); at 1e-3 it does in the same 300 steps
+    for algo, steps, extra in (('ar', 150, []), ('mdlm', 300, []), ('duo_base', 300, []),
+                               ('sedd', 300, ['optim.lr=1e-3']), ('d3pm', 300, [])):
+        run_main('mode=train', f'trainer.max_steps={steps}', 'training.ema=0.9', *common(base, base / algo, algo),
+                 *extra)
         paths[algo] = base / algo / 'checkpoints' / 'last.ckpt'
     return base, site, paths
 
@@ -191,13 +203,13 @@ def local_task(command, out_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('algo', ['ar', 'mdlm', 'duo_base'])
+@pytest.mark.parametrize('algo', ['ar', 'mdlm', 'duo_base', 'sedd', 'd3pm'])
 def test_lm_eval_command_line_runs_the_local_task(trained, algo):
     """`lm_eval --model dlm` (lm-eval's own CLI, finding dlm through the installed .pth) on the local task:
     the most likely continuation wins (every distractor is 50 times less likely under the chain)."""
     base, site, paths = trained
-    launcher = ('import site, sys; site.addsitedir(sys.argv.pop(1)); sys.argv[0] = "lm_eval"; '
-                'from lm_eval.__main__ import cli_evaluate; cli_evaluate()')
+    launcher = (FORGET_INSTALLED_PLUGIN + 'import site, sys; site.addsitedir(sys.argv.pop(1)); '
+                'sys.argv[0] = "lm_eval"; from lm_eval.__main__ import cli_evaluate; cli_evaluate()')
     args = f'checkpoint_path={paths[algo]},num_mc_samples=64'
     results, log = local_task([sys.executable, '-c', launcher, str(site), '--model', 'dlm', '--model_args', args,
                                '--batch_size', '64'], base / f'out_{algo}')
@@ -210,14 +222,17 @@ def test_lm_eval_command_line_runs_the_local_task(trained, algo):
 
 @pytest.mark.slow
 def test_harness_py_takes_lm_evals_command_line(trained):
-    """`python harness.py` (no plugin needed) with LLaDA's estimator on the mdlm model."""
+    """`python harness.py` (no plugin needed) with LLaDA's estimator on the mdlm model (run as that command
+    runs it, after FORGET_INSTALLED_PLUGIN)."""
     base, _, paths = trained
+    python_harness_py = [sys.executable, '-c', FORGET_INSTALLED_PLUGIN + 'import runpy; sys.argv[0] = "harness.py"; '
+                         'runpy.run_path("harness.py", run_name="__main__")']
     args = f'checkpoint_path={paths["mdlm"]},num_mc_samples=64,estimator=llada'
-    results, _ = local_task([sys.executable, 'harness.py', '--model', 'dlm', '--model_args', args, '--batch_size',
-                             '64'], base / 'out_wrapper')
+    results, _ = local_task([*python_harness_py, '--model', 'dlm', '--model_args', args, '--batch_size', '64'],
+                            base / 'out_wrapper')
     print(f'mdlm (llada): acc {results["acc,none"]:.3f} acc_norm {results["acc_norm,none"]:.3f}')
     assert results['acc,none'] >= 0.75
-    bad = subprocess.run([sys.executable, 'harness.py', '--model', 'dlm', '--model_args',
+    bad = subprocess.run([*python_harness_py, '--model', 'dlm', '--model_args',
                           f'checkpoint_path={paths["mdlm"]},estimator=exact', '--tasks', 'duo_local_mc',
                           '--include_path', 'tests/lm_eval_tasks'], cwd=ROOT, env=ENV, capture_output=True,
                          text=True, timeout=300)

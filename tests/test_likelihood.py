@@ -28,10 +28,12 @@ K, C, EPS = 4, 3, 1e-3
 PREFIX = [2, 1]  # any clean prefix: the exact denoisers below condition on the known x implicitly
 
 
-def make_config(algo='mdlm', time_conditioning=False, noise='log-linear', length=8):
-    return OmegaConf.create({'algo': {'name': algo, 'time_conditioning': time_conditioning},
-                             'noise': {'type': noise, 'eps': EPS}, 'training': {'sampling_eps': EPS},
-                             'model': {'length': length}})
+def make_config(algo='mdlm', time_conditioning=False, noise='log-linear', length=8, T=8):
+    algo_config = {'name': algo, 'time_conditioning': time_conditioning}
+    if algo == 'd3pm':
+        algo_config.update(T=T, subs_masking=False)
+    return OmegaConf.create({'algo': algo_config, 'noise': {'type': noise, 'eps': EPS},
+                             'training': {'sampling_eps': EPS}, 'model': {'length': length}})
 
 
 def joint(seed=0):
@@ -421,10 +423,12 @@ def test_loglikelihoods_are_sums_over_the_continuation():
 
 
 # ---- greedy for masked models -----------------------------------------------------------------
-def test_masked_greedy_is_confidence_ordered_decoding():
-    """Independent decoding from the table: commit the most probable undecided position to its argmax."""
+@pytest.mark.parametrize('algo', ['mdlm', 'sedd', 'd3pm'])
+def test_masked_greedy_is_confidence_ordered_decoding(algo):
+    """Independent decoding from the table: commit the most probable undecided position to its argmax
+    (SEDD: whatever the score's mass; D3PM: x̂ without the [MASK] class)."""
     table = joint(3)
-    module = masked_model(table)
+    module = masked_model(table) if algo == 'mdlm' else exact_model(algo, table, offset=(1.3, -0.8, 0.4))
 
     def decode():
         known = {}
@@ -474,15 +478,335 @@ def test_over_length_request_is_scored_after_truncation_never_zero():
 
 
 # ---- a real DiT, batched with padding ----------------------------------------------------------
-@pytest.mark.parametrize('algo', ['mdlm', 'duo_base'])
+@pytest.mark.parametrize('algo', ['mdlm', 'duo_base', 'sedd', 'd3pm'])
 def test_padding_and_batching_do_not_change_a_dit_estimate(algo):
     """Rows of different lengths share a right-padded batch: the attention mask keeps each row's
-    estimate what it is alone (a real DiT, so the padding path is exercised)."""
-    config = make_config(algo, time_conditioning=algo != 'mdlm', length=12)
-    cls = algorithms.MDLM if algo == 'mdlm' else algorithms.DUOBase
-    module = Module(cls(config, 9, 8), tiny_dit(False), config, 9)
+    estimate what it is alone (a real DiT, so the padding path is exercised; D3PM's one clean pass
+    per distinct row too)."""
+    config = make_config(algo, time_conditioning=algo != 'mdlm', length=12, T=5)
+    module = Module(algorithms.ALGORITHMS[algo](config, 9, 8), tiny_dit(False), config, 9)
     long_ = likelihood.Request([2, 1, 1, 1, 1, 1], [3, 4, 5, 6], (1,))
     short = likelihood.Request([2], [3], (2,))
     alone = likelihood.Scorer(module, 7, 8, 't', show_progress=False).score([short])[0]
     mixed = likelihood.Scorer(module, 11, 8, 't', show_progress=False).score([long_, short])[1]
     assert mixed.ll == pytest.approx(alone.ll, abs=1e-4) and alone.ll < 0
+
+
+# ---- SEDD and D3PM (SPEC-2 §11, §12): the same clamped-prefix bounds with their own losses ----------------
+PATTERNS = list(itertools.product(range(K + 1), repeat=C))  # continuations with K (the [MASK]) at masked positions
+
+
+def conditional_logits(table):
+    """{pattern: (C, K + 1) float64}: at a masked position i, log p(c_i = k | the unmasked tokens of the
+    pattern) for k < K and -inf for the [MASK] (x̂_mask = 0); rows of unmasked positions unused (NaN)."""
+    out = {}
+    cands = np.array(list(itertools.product(range(K), repeat=C)))
+    weights = table.reshape(-1)
+    for pattern in PATTERNS:
+        known = np.array(pattern) != K
+        fits = (cands[:, known] == np.array(pattern)[known]).all(1)
+        rows = np.full((C, K + 1), np.nan)
+        for i in np.flatnonzero(~known):
+            marginal = np.bincount(cands[fits, i], weights=weights[fits], minlength=K)
+            rows[i, :K] = np.log(marginal / marginal.sum())
+            rows[i, K] = -np.inf
+        out[pattern] = torch.tensor(rows)
+    return out
+
+
+class Exact(torch.nn.Module):
+    """The exact conditional denoiser of `table` for SEDD and D3PM (tabulated once): at a masked
+    continuation position i, log p(c_i = k | the unmasked continuation tokens) + offset[i], [MASK] -inf;
+    at an unmasked position (prefix, clean tokens) x̂ = e_z, so D3PM's L_rec is 0. SEDD reads the logits
+    as the score u_j = exp(l_j) / K (K + 1 classes): offset log K makes its mass S exactly 1."""
+
+    def __init__(self, table, offset=(0.0,) * C):
+        super().__init__()
+        self.rows = conditional_logits(table)
+        self.offset = torch.tensor(offset, dtype=torch.float64)[:, None]
+        self.dummy = torch.nn.Parameter(torch.zeros(()))
+        self.seen = []
+
+    def forward(self, x, sigma, attention_mask=None, output_rows=None, out=None):
+        self.seen.append((x.clone(), sigma.clone()))
+        P = len(PREFIX)
+        logits = torch.full((*x.shape, K + 1), float('-inf'), dtype=torch.float64)
+        logits.scatter_(2, x[..., None], 0.0)
+        for b in range(x.shape[0]):
+            pattern = tuple(x[b, P:P + C].tolist())
+            masked = torch.tensor(pattern) == K
+            logits[b, P:P + C][masked] = (self.rows[pattern] + self.offset)[masked]
+        return logits[output_rows] if output_rows is not None else logits
+
+
+def exact_model(algo, table, offset=(0.0,) * C, T=8, noise='log-linear'):
+    """SEDD (its score normalised, times exp(offset)) or D3PM with the exact denoiser of `table`."""
+    config = make_config(algo, time_conditioning=True, noise=noise, T=T)
+    if algo == 'sedd':
+        offset = tuple(o + math.log(K) for o in offset)
+    return Module(algorithms.ALGORITHMS[algo](config, K + 1, K), Exact(table, offset), config, K + 1)
+
+
+def all_masks():
+    return [m for l in range(C + 1) for m in itertools.combinations(range(C), l)]
+
+
+def t_form_expectation(module, c, alpha, nodes=64):
+    """E_{t ~ U[eps, 1]} E_{z_t} of the one-sample t-form estimate of continuation c: Gauss-Legendre in
+    t, the masked sets enumerated with their probabilities under alpha (written here)."""
+    masks = all_masks()
+    x0, attn, target = rows_for(c, len(masks))
+    total = 0.0
+    for node, w in zip(*np.polynomial.legendre.leggauss(nodes)):
+        t = EPS + (1 - EPS) * (node + 1) / 2
+        level = torch.full((len(masks),), t, dtype=torch.float64)
+        est = module.algo.conditional_bound(module, x0, attn, target, forced_draw(level, masks, x0), 't').double()
+        a = alpha(t)
+        probs = [(1 - a) ** len(m) * a ** (C - len(m)) for m in masks]
+        total += w / 2 * float(np.dot(probs, est.numpy()))
+    return total
+
+
+def loglinear(t):
+    return 1 - (1 - EPS) * t
+
+
+def cosine(t):
+    return 1 - math.cos(math.pi / 2 * (1 - (1 - EPS) * t))
+
+
+@pytest.mark.parametrize('noise,alpha', [('log-linear', loglinear), ('cosine', cosine)])
+def test_sedd_t_form_with_a_normalised_exact_score_equals_minus_log_p_up_to_eps(noise, alpha):
+    """SEDD's score-entropy bound with the exact score (S = 1), integrated over t and enumerated over
+    z_t: -log p(c | x) + O(eps), as MDLM's (its penalty S - 1 - log S vanishes)."""
+    table = joint(1)
+    module = exact_model('sedd', table, noise=noise)
+    assert t_form_expectation(module, C_TRUE, alpha) == pytest.approx(-math.log(table[C_TRUE]), abs=20 * EPS)
+
+
+def test_sedd_unnormalised_score_only_raises_the_bound_by_its_penalty():
+    """Scaling the score at continuation position i by exp(d_i) adds exactly sum_i (e^d_i - 1 - d_i)
+    E_t[-alpha'_t] (position i is masked w.p. 1 - alpha_t and weighted -alpha'_t / (1 - alpha_t)), which
+    is >= 0: E_t[-alpha'_t] = 1 - eps for log-linear."""
+    table = joint(1)
+    base = t_form_expectation(exact_model('sedd', table), C_TRUE, loglinear)
+    shifts = (0.7, -0.4, 0.0)
+    shifted = t_form_expectation(exact_model('sedd', table, offset=shifts), C_TRUE, loglinear)
+    penalty = sum(math.exp(d) - 1 - d for d in shifts) * (1 - EPS)
+    assert shifted - base == pytest.approx(penalty, rel=1e-6) and shifted > base  # float32 estimates
+
+
+def upstream_score_entropy(l, m, alpha, dalpha, mask_id):
+    """SEDD's per-token loss in upstream's form (SPEC-2 §11), numpy float64: sigma = -log alpha,
+    log s_j = l_j - log(e^sigma - 1) - log(V - 1) (j != mask), r = 1 / (e^sigma - 1),
+    dsigma (sum_j s_j - r log s_m + r (log r - 1)) with dsigma = -alpha' / alpha."""
+    V = len(l)
+    sigma = -math.log(alpha)
+    log_s = l - math.log(math.expm1(sigma)) - math.log(V - 1)
+    r = 1 / math.expm1(sigma)
+    total = np.exp(np.delete(log_s, mask_id)).sum() - r * log_s[m] + r * (math.log(r) - 1)
+    return -dalpha / alpha * total
+
+
+class Logits(torch.nn.Module):
+    """Fixed random logits per (row, position) of a call, all of them recorded with the call's input."""
+
+    def __init__(self, vocab, seed=0):
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(()))
+        self.vocab, self.seed, self.calls = vocab, seed, []
+
+    def forward(self, x, sigma, attention_mask=None, output_rows=None, out=None):
+        g = torch.Generator().manual_seed(self.seed + len(self.calls))
+        logits = torch.randn(x.shape[0], x.shape[1], self.vocab, generator=g, dtype=torch.float64) * 2
+        self.calls.append({'x': x.clone(), 'sigma': sigma.clone(), 'rows': output_rows, 'logits': logits})
+        return logits[output_rows] if output_rows is not None else logits
+
+
+def mixed_rows(n=6):
+    """n rows of two continuations (alternating), attention mask, continuation positions and uniforms:
+    random, but row 1 is never masked (a row without a forward pass) and row 0's first target always."""
+    x0 = torch.tensor([[*PREFIX, *(C_TRUE if b % 2 == 0 else (0, 2, 2))] for b in range(n)])
+    target = torch.zeros(x0.shape, dtype=torch.bool)
+    target[:, len(PREFIX):] = True
+    g = torch.Generator().manual_seed(4)
+    uniform = torch.where(target, torch.rand(x0.shape, generator=g, dtype=torch.float64), 2.0)
+    uniform[1, len(PREFIX):] = 1 - 1e-9
+    uniform[0, len(PREFIX)] = 0.0
+    return x0, torch.ones_like(x0), target, uniform
+
+
+def test_sedd_bound_is_the_score_entropy_of_the_sampled_time_prefix_clean():
+    """Cosine schedule: target positions masked where u < 1 - alpha_t, the prefix never; the network sees
+    sigma_t = -log alpha_t of the sampled t; the value is upstream's form of the loss at
+    (alpha_t, alpha'_t) summed over the masked positions (alpha, alpha' written here)."""
+    config = make_config('sedd', time_conditioning=True, noise='cosine')
+    module = Module(algorithms.SEDD(config, K + 1, K), Logits(K + 1), config, K + 1)
+    x0, attn, target, uniform = mixed_rows()
+    t = torch.tensor([0.05, 0.3, 0.5, 0.7, 0.9, 0.999], dtype=torch.float64)
+    est = module.algo.conditional_bound(module, x0, attn, target, likelihood.Draw(t, uniform, x0.clone()), 't')
+    u = (math.pi / 2) * (1 - (1 - EPS) * t)
+    alpha, dalpha = 1 - torch.cos(u), -(math.pi / 2) * (1 - EPS) * torch.sin(u)
+    masked = target & (uniform < 1 - alpha[:, None])
+    live = masked.any(1)
+    call, = module.backbone.calls
+    assert torch.equal(call['x'], torch.where(masked, K, x0)[live]) and torch.equal(call['rows'], masked[live])
+    assert torch.allclose(call['sigma'], -torch.log(alpha[live]))
+    expected = torch.zeros(len(x0), dtype=torch.float64)
+    for row, b in enumerate(live.nonzero()[:, 0].tolist()):
+        for j in masked[b].nonzero()[:, 0].tolist():
+            expected[b] += upstream_score_entropy(call['logits'][row, j].numpy(), int(x0[b, j]), float(alpha[b]),
+                                                  float(dalpha[b]), K)
+    assert bool(live.any()) and not bool(live.all())  # both kinds of rows exercised
+    assert torch.allclose(est.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def dense_d3pm_kl(l, m, alpha_t, alpha_s, mask_id):
+    """KL(q(z_s | z_t = mask, x = m) || p_theta(z_s | z_t = mask)) from the dense distributions of
+    SPEC-2 §12, numpy float64: q = a e_m + b e_mask; p_theta(j) = (alpha_s - alpha_t) x̂_j / N (j != mask),
+    p_theta(mask) = ((1 - alpha_s)(1 - x̂_mask) + x̂_mask) / N with x̂ = softmax(l) over all classes."""
+    xhat = np.exp(l - l.max())
+    xhat /= xhat.sum()
+    n = (1 - alpha_t) * (1 - xhat[mask_id]) + xhat[mask_id]
+    a, b = (alpha_s - alpha_t) / (1 - alpha_t), (1 - alpha_s) / (1 - alpha_t)
+    kl = a * math.log(a / ((alpha_s - alpha_t) * xhat[m] / n))
+    if b > 0:
+        kl += b * math.log(b / (((1 - alpha_s) * (1 - xhat[mask_id]) + xhat[mask_id]) / n))
+    return kl
+
+
+def test_d3pm_bound_is_reconstruction_plus_T_kl_with_the_right_alphas_prefix_clean():
+    """Cosine schedule, T = 7, x̂_mask > 0: target positions masked where u < 1 - alpha(i/T), the prefix
+    never; the noisy pass sees sigma = -log alpha(i/T), the clean pass x0 at sigma = 0 (one row per
+    distinct request); the value is the target's L_rec + T KL_i from the dense distributions with
+    alpha_s = alpha((i - 1)/T) and 1 at i = 1 (written here)."""
+    T = 7
+    config = make_config('d3pm', time_conditioning=True, noise='cosine', T=T)
+    module = Module(algorithms.D3PM(config, K + 1, K), Logits(K + 1), config, K + 1)
+    x0, attn, target, uniform = mixed_rows()
+    i = torch.tensor([1, 3, 7, 1, 2, 7])
+    est = module.algo.conditional_bound(module, x0, attn, target, likelihood.Draw(i, uniform, x0.clone()), 't')
+
+    def alpha(t):
+        return 1 - math.cos(math.pi / 2 * (1 - (1 - EPS) * t))
+    alpha_t = torch.tensor([alpha(k / T) for k in i.tolist()], dtype=torch.float64)
+    alpha_s = [1.0 if k == 1 else alpha((k - 1) / T) for k in i.tolist()]
+    masked = target & (uniform < 1 - alpha_t[:, None])
+    live = masked.any(1)
+    clean, noisy = module.backbone.calls
+    assert len(clean['x']) == 2 and (clean['sigma'] == 0).all()  # the two distinct requests
+    assert torch.equal(clean['rows'], clean['x'] != torch.tensor(PREFIX + [-1] * C))  # the target only
+    assert torch.equal(noisy['x'], torch.where(masked, K, x0)[live]) and torch.equal(noisy['rows'], masked[live])
+    assert torch.allclose(noisy['sigma'].double(), -torch.log(alpha_t[live]), rtol=1e-6)
+    expected = torch.zeros(len(x0), dtype=torch.float64)
+    for b in range(len(x0)):
+        row = [r for r in range(2) if torch.equal(clean['x'][r], x0[b])][0]
+        for j in target[b].nonzero()[:, 0].tolist():
+            expected[b] -= torch.log_softmax(clean['logits'][row, j], -1)[x0[b, j]]
+    for row, b in enumerate(live.nonzero()[:, 0].tolist()):
+        for j in masked[b].nonzero()[:, 0].tolist():
+            expected[b] += T * dense_d3pm_kl(noisy['logits'][row, j].numpy(), int(x0[b, j]), float(alpha_t[b]),
+                                             alpha_s[b], K)
+    assert bool(live.any()) and not bool(live.all()) and bool((masked & (i == 1)[:, None]).any())
+    assert torch.allclose(est.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def d3pm_exact_value(table, c, T):
+    """E_i E_{z_t}[L_rec + T KL_i] for the exact denoiser, by its closed form (written here): L_rec = 0,
+    and with x̂_mask = 0, KL_i = a_i (-log x̂_m), a_i = (alpha_{i-1} - alpha_i)/(1 - alpha_i), so the value is
+    sum_i a_i sum_M (1 - alpha_i)^|M| alpha_i^(C - |M|) sum_{j in M} -log p(c_j | c outside M)."""
+    logits = conditional_logits(table)
+    total = 0.0
+    for i in range(1, T + 1):
+        a_t, a_s = loglinear(i / T), 1.0 if i == 1 else loglinear((i - 1) / T)
+        for m in all_masks():
+            pattern = tuple(K if j in m else c[j] for j in range(C))
+            cost = -sum(float(logits[pattern][j, c[j]]) for j in m)
+            total += (a_s - a_t) / (1 - a_t) * (1 - a_t) ** len(m) * a_t ** (C - len(m)) * cost
+    return total
+
+
+def d3pm_expectation(module, c, T):
+    """E_{i ~ U{1..T}} E_{z_t} of the one-sample estimate through conditional_bound, every step index and
+    masked set enumerated with its probability (alpha written here)."""
+    masks = all_masks()
+    levels = torch.arange(1, T + 1).repeat_interleave(len(masks))
+    x0, attn, target = rows_for(c, len(levels))
+    est = module.algo.conditional_bound(module, x0, attn, target, forced_draw(levels, masks * T, x0), 't').double()
+    a = torch.tensor([loglinear(i / T) for i in levels.tolist()], dtype=torch.float64)
+    size = torch.tensor([len(m) for m in masks * T], dtype=torch.float64)
+    return float(((1 - a) ** size * a ** (C - size) * est).sum()) / T
+
+
+@pytest.mark.parametrize('T', [1, 4, 32])
+def test_d3pm_with_the_exact_denoiser_matches_its_closed_form(T):
+    table = joint(1)
+    module = exact_model('d3pm', table, T=T)
+    assert d3pm_expectation(module, C_TRUE, T) == pytest.approx(d3pm_exact_value(table, C_TRUE, T), rel=1e-6)
+
+
+def test_d3pm_converges_to_minus_log_p_and_bounds_it_in_expectation():
+    """With the exact denoiser the discrete bound of c tends to -log p(c | x) as T grows (a Riemann sum of
+    the continuous bound: error O(1/T), down to the O(eps) of alpha(1) = eps > 0); one c may sit below
+    -log p(c | x) (this one does: 0.6 nats at T = 4), but averaged over c ~ p(c | x) it is at least the
+    entropy H(c | x) (a NELBO of the T-step model: >= its cross-entropy >= H)."""
+    table = joint(0)
+    exact = -math.log(table[C_TRUE])
+    gaps = [abs(d3pm_expectation(exact_model('d3pm', table, T=T), C_TRUE, T) - exact) for T in (4, 32, 256)]
+    assert gaps[0] > 5 * gaps[1] > 25 * gaps[2] and gaps[2] < 20 * EPS
+    module = exact_model('d3pm', table, T=4)
+    entropy = -(table * np.log(table)).sum()
+    expected = sum(table[c] * d3pm_expectation(module, c, 4) for c in itertools.product(range(K), repeat=C))
+    assert expected >= entropy + 0.05
+
+
+def test_d3pm_scorer_averages_to_its_expectation_with_right_standard_errors():
+    """Through Scorer: step indices stratified in 1..T, the estimate's mean over seeds matches the closed
+    form within its standard error, and the reported standard error matches the spread."""
+    table = joint(1)
+    T = 6
+    module = exact_model('d3pm', table, T=T)
+    runs = [likelihood.Scorer(module, 64, 24, 't', seed=s, show_progress=False).score([request(C_TRUE)])[0]
+            for s in range(40)]
+    lls = np.array([r.ll for r in runs])
+    expected = -d3pm_exact_value(table, C_TRUE, T)
+    assert abs(lls.mean() - expected) < 4 * lls.std(ddof=1) / math.sqrt(len(lls))
+    assert 0.5 < np.mean([r.se for r in runs]) / lls.std(ddof=1) < 2.0
+
+
+def test_d3pm_levels_are_stratified_step_indices():
+    algo = algorithms.D3PM(make_config('d3pm', T=4), K + 1, K)
+    levels = algo.likelihood_levels(12, 3, torch.Generator().manual_seed(0), 't')
+    assert levels.tolist() == [1] * 3 + [2] * 3 + [3] * 3 + [4] * 3
+
+
+def test_d3pm_greedy_pass_sees_the_nearest_training_step():
+    """Two of three continuation tokens undecided: alpha = 1/3 by the undecided share, the nearest grid
+    alpha(i/4) (log-linear: 0.75, 0.5, 0.25, eps) is alpha(3/4): sigma = -log alpha(3/4)."""
+    config = make_config('d3pm', time_conditioning=True, T=4)
+    module = Module(algorithms.D3PM(config, K + 1, K), Logits(K + 1), config, K + 1)
+    x0, attn, target = rows_for(C_TRUE, 1)
+    undecided = target.clone()
+    undecided[0, len(PREFIX)] = False
+    logits = module.algo.greedy_logits(module, x0, attn, target, undecided, x0)
+    call, = module.backbone.calls
+    assert float(call['sigma']) == pytest.approx(-math.log(loglinear(3 / 4)), rel=1e-6)
+    assert bool((logits[:, K] == float('-inf')).all()) and logits.shape == (2, K + 1)
+
+
+@pytest.mark.parametrize('algo,note', [
+    ('sedd', 'SEDD is scored by the t form of its score-entropy bound'),
+    ('d3pm', "D3PM's bound is discrete in time: estimator=t draws its step indices i in 1..T")])
+def test_llada_form_is_refused_for_sedd_and_d3pm_with_one_line(algo, note):
+    module = exact_model(algo, joint())
+    with pytest.raises(ConfigError) as error:
+        likelihood.Scorer(module, 8, 16, 'llada')
+    assert str(error.value) == f'estimator=llada does not apply to algo={algo} ({note}): use t (e.g. estimator=t)'
+
+
+def test_distinct_rows_finds_each_row_once():
+    x = torch.tensor([[3, 1], [2, 2], [3, 1], [3, 1], [2, 2]])
+    mask = torch.tensor([[1, 1], [1, 1], [1, 1], [1, 0], [1, 1]])
+    index, inverse = likelihood.distinct_rows(x, mask)
+    assert sorted(index.tolist()) == [0, 1, 3]
+    assert torch.equal(torch.cat([x, mask], 1)[index][inverse], torch.cat([x, mask], 1))

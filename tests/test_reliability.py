@@ -497,8 +497,8 @@ MESSAGES = {
                             "number >= 0 (e.g. sampling.psi.middle_mode=constant-remdm-0.01)",
     'psi predictor for AR': 'sampling.predictor=psi does not apply to algo=ar: use one of ancestral, ancestral_cache '
                             '(e.g. sampling.predictor=ancestral)',
-    'negative kappa for a uniform model': 'sampling.psi.negative_kappa=true is for absorbing diffusion (algo=mdlm), '
-                                          'not algo=duo_base: use sampling.psi.negative_kappa=false',
+    'negative kappa for a uniform model': 'sampling.psi.negative_kappa=true is for absorbing diffusion (algo=mdlm or '
+                                          'sedd), not algo=duo_base: use sampling.psi.negative_kappa=false',
     'curriculum setting in both spellings, different': 'algo.curriculum.gamma_min=-3.5 and algo.gamma_min=-3.55 '
                                                        'disagree: give the setting once (e.g. '
                                                        'algo.curriculum.gamma_min=-3.5)',
@@ -515,9 +515,9 @@ MESSAGES = {
                                                              'gamma range',
     'sedd with greedy noise removal': 'sampling.noise_removal=greedy does not apply to algo=sedd: use ancestral or '
                                       'none (e.g. sampling.noise_removal=ancestral)',
-    'sedd with the cached predictor': 'sampling.predictor=ancestral_cache does not apply to algo=sedd (its unmask '
-                                      'probabilities need the network at every step: nothing to cache): use '
-                                      'analytic (e.g. sampling.predictor=analytic)',
+    'sedd with the cached predictor': 'sampling.predictor=ancestral_cache does not apply to algo=sedd (its ancestral '
+                                      'sampler on the normalised score is sampling.predictor=psi with the default '
+                                      'sampling.psi.*): use one of analytic, psi (e.g. sampling.predictor=analytic)',
     'd3pm with T < 1': 'algo.T=0 must be an integer >= 1 for algo=d3pm (e.g. algo.T=1000)',
     'unknown set in eval.datasets': 'eval.datasets: ptbb is not a data config (configs/data/<name>.yaml); use names '
                                     'among ag_news, fineweb-edu, lambada, lm1b, lm1b-wrap, local, openwebtext, '
