@@ -14,11 +14,9 @@ standard errors of a trained model's log-likelihoods on the local task
 """
 import argparse
 import json
-import os
-import platform
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import likelihood  # noqa: E402
+from bench_sampling import run_record  # noqa: E402
 from diffusion import Diffusion  # noqa: E402
 
 ROWS = (('ar', 'exact'), ('mdlm', 't'), ('mdlm', 'llada'), ('sedd', 't'), ('d3pm', 't'), ('duo_base', 't'))
@@ -140,12 +139,7 @@ def main(argv=None):
     args.device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device_name = torch.cuda.get_device_name(args.device) if args.device.type == 'cuda' else platform.processor() or 'cpu'
-    record = {'date': datetime.now(timezone.utc).isoformat(timespec='seconds'), 'device': str(args.device),
-              'device_name': device_name, 'torch': torch.__version__, 'threads': torch.get_num_threads(),
-              'load_average_at_start': os.getloadavg()[0],  # the CPU may be shared: compare within a run
-              'preset': {k: v for k, v in vars(args).items() if k not in ('out', 'device', 'checkpoint')},
-              'results': [], 'standard_errors': []}
+    record = {**run_record(args, skip=('checkpoint',)), 'standard_errors': []}
     reqs = requests(args)
     rows = [Row(algo, estimator, n, args, reqs) for algo, estimator in ROWS
             for n in ([1] if estimator == 'exact' else args.samples)]

@@ -226,6 +226,17 @@ def measure(kind, algo, model, args, steps):
             'tokens_per_s': args.batch * args.length / total}
 
 
+def run_record(args, skip=()) -> dict:
+    """The start of a bench script's JSON record: when and on what it ran (device and its name, torch,
+    CPU threads, the load average: the CPU may be shared, so compare within a run) and its preset
+    (the arguments, less out, device and `skip`); 'results' to fill."""
+    name = torch.cuda.get_device_name(args.device) if args.device.type == 'cuda' else platform.processor() or 'cpu'
+    return {'date': datetime.now(timezone.utc).isoformat(timespec='seconds'), 'device': str(args.device),
+            'device_name': name, 'torch': torch.__version__, 'threads': torch.get_num_threads(),
+            'load_average_at_start': os.getloadavg()[0],
+            'preset': {k: v for k, v in vars(args).items() if k not in ('out', 'device', *skip)}, 'results': []}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -251,12 +262,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    device_name = torch.cuda.get_device_name(args.device) if args.device.type == 'cuda' else platform.processor() or 'cpu'
-    record = {'date': datetime.now(timezone.utc).isoformat(timespec='seconds'), 'device': str(args.device),
-              'device_name': device_name, 'torch': torch.__version__, 'threads': torch.get_num_threads(),
-              'load_average_at_start': os.getloadavg()[0],  # the CPU may be shared: compare within a run
-              'preset': {k: v for k, v in vars(args).items() if k not in ('out', 'device', 'algos', 'steps')},
-              'results': []}
+    record = run_record(args, skip=('algos', 'steps'))
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"sampling-{args.device.type}-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
     header = (f"{'algo':9} {'sampler':7} {'steps':>5} {'fwd rows':>8} {'total s':>8} {'fwd s':>8} "
