@@ -331,8 +331,7 @@ TINY_SD = ['model=micro', 'model.length=8', 'model.hidden_size=32', 'model.n_hea
 
 
 def sd_config(*overrides):
-    with initialize_config_dir(config_dir=str(ROOT / 'configs'), version_base=None):
-        return compose(config_name='config', overrides=[*TINY_SD, *overrides])
+    return make_config(*TINY_SD, *overrides)
 
 
 class Recorder(torch.nn.Module):

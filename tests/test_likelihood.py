@@ -42,6 +42,15 @@ def joint(seed=0):
     return rng.dirichlet(np.full(K ** C, 0.7)).reshape((K,) * C) * 0.98 + 0.02 / K ** C
 
 
+def conditional_marginal(table, known: dict, i: int) -> np.ndarray:
+    """p(c_i = k | c_j = known[j] for j in known) (K,) from the joint table, by enumeration."""
+    marginal = np.zeros(K)
+    for cand in itertools.product(range(K), repeat=C):
+        if all(cand[j] == v for j, v in known.items()):
+            marginal[cand[i]] += table[cand]
+    return marginal / marginal.sum()
+
+
 class ExactMasked(torch.nn.Module):
     """The exact conditional denoiser of a masked model: at a masked continuation position, log p(c_i = k |
     the unmasked continuation tokens) from the table (prefix positions are the clean x; K is the mask id)."""
@@ -59,16 +68,10 @@ class ExactMasked(torch.nn.Module):
         for b in range(x.shape[0]):
             c = x[b, P:P + C].tolist()
             known = {i: v for i, v in enumerate(c) if v != K}
-            sub = self.table
             probs = np.zeros((C, K))
             for i in range(C):
-                if i in known:
-                    continue
-                marginal = np.zeros(K)
-                for cand in itertools.product(range(K), repeat=C):
-                    if all(cand[j] == v for j, v in known.items()):
-                        marginal[cand[i]] += sub[cand]
-                probs[i] = marginal / marginal.sum()
+                if i not in known:
+                    probs[i] = conditional_marginal(self.table, known, i)
             logits = np.full((x.shape[1], K + 1), -30.0)
             logits[P:P + C, :K] = np.log(np.maximum(probs, 1e-300))
             rows.append(logits)
@@ -437,11 +440,7 @@ def test_masked_greedy_is_confidence_ordered_decoding(algo):
             for i in range(C):
                 if i in known:
                     continue
-                marginal = np.zeros(K)
-                for cand in itertools.product(range(K), repeat=C):
-                    if all(cand[j] == v for j, v in known.items()):
-                        marginal[cand[i]] += table[cand]
-                marginal /= marginal.sum()
+                marginal = conditional_marginal(table, known, i)
                 if best is None or marginal.max() > best[0]:
                     best = (marginal.max(), i, int(marginal.argmax()))
             known[best[1]] = best[2]
